@@ -1,0 +1,1 @@
+"""Dataset-specific converters (installed as ``nnunet_landmark.dataset_conversion``)."""

@@ -1,0 +1,202 @@
+"""Heatmap targets for landmarks: encode (render) and decode with sub-voxel refinement.
+
+Two encodings of "where is the landmark", both functions of the Euclidean distance ``d`` in mm, so every
+patch sees the same function of distance whatever its crop (scaling does not depend on the crop):
+
+* ``log_distance`` (default, the paper's): ``h = min(1, log(1 + d / d0) / log(1 + d_max / d0))``, 0 at the
+  landmark and 1 far away; decoded by argmin. It is defined everywhere, so a patch that does not contain
+  the landmark still says where it is.
+* ``gaussian``: ``h = exp(-d^2 / (2 sigma^2))``, 1 at the landmark; decoded by argmax.
+
+Decoding finds the extreme voxel, then refines it below the voxel size: for ``log_distance`` by
+inverting the encoding to distances around the extremum and solving the least-squares multilateration
+``argmin_p sum_i (|x_i - p| - d_i)^2``; for ``gaussian`` by a per-axis parabola through the log values
+(exact for a Gaussian). Coordinates are voxel indices of the array that is decoded; ``spacing`` gives mm
+per voxel along each array axis.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import asdict, dataclass
+from typing import Sequence
+
+import numpy as np
+
+ENCODINGS = ("log_distance", "gaussian")
+
+
+@dataclass(frozen=True)
+class HeatmapEncoding:
+    """How a distance to the landmark (mm) becomes a target value in [0, 1]."""
+
+    kind: str = "log_distance"
+    max_distance_mm: float = 100.0  # log_distance: distance that maps to 1
+    scale_mm: float = 1.0  # log_distance: d0, the distance where the log starts to bend
+    sigma_mm: float = 4.0  # gaussian: standard deviation
+
+    def __post_init__(self):
+        if self.kind not in ENCODINGS:
+            raise ValueError(f"unknown heatmap encoding {self.kind!r}; use one of {ENCODINGS}")
+        if self.max_distance_mm <= 0 or self.scale_mm <= 0 or self.sigma_mm <= 0:
+            raise ValueError(f"heatmap encoding parameters must be positive: {self}")
+
+    @property
+    def background(self) -> float:
+        """Target value far from the landmark (what padding outside the image must mean)."""
+        return 1.0 if self.kind == "log_distance" else 0.0
+
+    @property
+    def landmark_value(self) -> float:
+        return 0.0 if self.kind == "log_distance" else 1.0
+
+    def encode(self, distance_mm: np.ndarray) -> np.ndarray:
+        d = np.asarray(distance_mm, dtype=np.float32)
+        if self.kind == "log_distance":
+            out = np.log1p(d / np.float32(self.scale_mm)) / np.float32(math.log1p(self.max_distance_mm / self.scale_mm))
+            return np.minimum(out, np.float32(1.0), out=out)
+        return np.exp(-(d * d) / np.float32(2 * self.sigma_mm ** 2))
+
+    def decode_distance(self, value: np.ndarray) -> np.ndarray:
+        """Inverse of ``encode`` (distances in mm; saturated values map to the largest distance)."""
+        v = np.clip(np.asarray(value, dtype=np.float64), 1e-6, 1.0)
+        if self.kind == "log_distance":
+            return self.scale_mm * np.expm1(v * math.log1p(self.max_distance_mm / self.scale_mm))
+        return np.sqrt(-2 * self.sigma_mm ** 2 * np.log(v))
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "HeatmapEncoding":
+        return cls(**{k: d[k] for k in ("kind", "max_distance_mm", "scale_mm", "sigma_mm") if k in d})
+
+
+def render_heatmaps(shape: Sequence[int], positions: np.ndarray, spacing: Sequence[float],
+                    encoding: HeatmapEncoding) -> np.ndarray:
+    """Target heatmaps (K, *shape) float32 for K landmark positions (K, ndim) given as voxel indices.
+
+    A NaN position (landmark unknown) gives a channel filled with the background value.
+    """
+    positions = np.atleast_2d(np.asarray(positions, dtype=np.float64))
+    ndim = len(shape)
+    if positions.shape[1] != ndim or len(spacing) != ndim:
+        raise ValueError(f"positions {positions.shape} and spacing {len(spacing)} must match the {ndim}D shape")
+    out = np.empty((positions.shape[0], *shape), dtype=np.float32)
+    for k, p in enumerate(positions):
+        if not np.all(np.isfinite(p)):
+            out[k] = encoding.background
+            continue
+        squared = np.zeros(shape, dtype=np.float32)
+        for axis in range(ndim):
+            coordinate = (np.arange(shape[axis], dtype=np.float32) - np.float32(p[axis])) * np.float32(spacing[axis])
+            view = [1] * ndim
+            view[axis] = shape[axis]
+            squared += (coordinate * coordinate).reshape(view)
+        out[k] = encoding.encode(np.sqrt(squared, out=squared))
+    return out
+
+
+@dataclass(frozen=True)
+class DecodedLandmark:
+    position: np.ndarray  # refined voxel index (float, array axes)
+    voxel: tuple[int, ...]  # the extreme voxel
+    value: float  # heatmap value at the extreme voxel
+    confidence: float  # in [0, 1]; 0 for a flat heatmap
+
+
+def _extreme_voxel(heatmap: np.ndarray, kind: str) -> tuple[int, ...]:
+    flat = np.argmin(heatmap) if kind == "log_distance" else np.argmax(heatmap)
+    return tuple(int(i) for i in np.unravel_index(flat, heatmap.shape))
+
+
+def _neighbourhood(shape, center, radius):
+    lo = [max(0, c - radius) for c in center]
+    hi = [min(s, c + radius + 1) for s, c in zip(shape, center)]
+    return tuple(slice(a, b) for a, b in zip(lo, hi)), np.asarray(lo)
+
+
+def _refine_multilateration(values: np.ndarray, origin: np.ndarray, start: np.ndarray, spacing: np.ndarray,
+                            encoding: HeatmapEncoding, iterations: int = 20) -> np.ndarray:
+    """Least-squares point whose distances to the voxels of ``values`` match the decoded distances."""
+    distances = encoding.decode_distance(values).ravel()
+    grid = np.stack(np.meshgrid(*[np.arange(n) for n in values.shape], indexing="ij"), axis=-1).reshape(-1, values.ndim)
+    points_mm = (grid + origin) * spacing
+    # trust the near voxels most: the log encoding is steep (informative) near the landmark, flat far away
+    weights = 1.0 / (1.0 + distances / max(float(spacing.max()), 1e-6)) ** 2
+    p = start * spacing
+    for _ in range(iterations):
+        diff = p - points_mm
+        norm = np.linalg.norm(diff, axis=1)
+        valid = norm > 1e-9
+        if valid.sum() < values.ndim + 1:
+            break
+        jac = diff[valid] / norm[valid, None]
+        residual = norm[valid] - distances[valid]
+        w = weights[valid]
+        step, *_ = np.linalg.lstsq(jac * np.sqrt(w)[:, None], -residual * np.sqrt(w), rcond=None)
+        p = p + step
+        if np.linalg.norm(step) < 1e-7:
+            break
+    return p / spacing
+
+
+def _refine_parabola(heatmap: np.ndarray, voxel: tuple[int, ...]) -> np.ndarray:
+    """Per-axis vertex of the parabola through log values at voxel-1, voxel, voxel+1 (exact for a Gaussian)."""
+    position = np.asarray(voxel, dtype=np.float64)
+    for axis, v in enumerate(voxel):
+        if v == 0 or v == heatmap.shape[axis] - 1:
+            continue
+        idx = list(voxel)
+        samples = []
+        for offset in (-1, 0, 1):
+            idx[axis] = v + offset
+            samples.append(math.log(max(float(heatmap[tuple(idx)]), 1e-12)))
+        denominator = samples[0] - 2 * samples[1] + samples[2]
+        if denominator < -1e-12:
+            position[axis] += float(np.clip(0.5 * (samples[0] - samples[2]) / denominator, -0.5, 0.5))
+    return position
+
+
+def decode_heatmap(heatmap: np.ndarray, encoding: HeatmapEncoding, spacing: Sequence[float] | None = None,
+                   refine: bool = True, name: str = "landmark", already_sigmoid: bool = True,
+                   flat_threshold: float = 0.05) -> DecodedLandmark:
+    """Landmark position (voxel index, sub-voxel when ``refine``) from one heatmap.
+
+    ``heatmap`` holds values in [0, 1], or logits with ``already_sigmoid=False`` (the extremum is found on
+    the logits, which is monotone in the value, and only the neighbourhood is passed through the sigmoid).
+    A flat heatmap still yields a landmark (the extreme voxel), with confidence 0 and a warning.
+    """
+    heatmap = np.asarray(heatmap)
+    spacing = np.ones(heatmap.ndim) if spacing is None else np.asarray(spacing, dtype=np.float64)
+    voxel = _extreme_voxel(heatmap, encoding.kind)
+    extreme = float(heatmap[voxel])
+    far = float(heatmap.max() if encoding.kind == "log_distance" else heatmap.min())
+    if not already_sigmoid:
+        extreme, far = (1.0 / (1.0 + math.exp(-x)) for x in (extreme, far))
+    contrast = abs(far - extreme)
+    if encoding.kind == "log_distance":
+        confidence = (1.0 - extreme) * min(1.0, contrast / 0.5)
+    else:
+        confidence = extreme * min(1.0, contrast / 0.5)
+    if contrast < flat_threshold:
+        warnings.warn(f"{name}: the heatmap is flat (range {contrast:.3f}); the landmark position is a guess "
+                      f"(confidence 0)", RuntimeWarning, stacklevel=2)
+        return DecodedLandmark(np.asarray(voxel, dtype=np.float64), voxel, extreme, 0.0)
+    position = np.asarray(voxel, dtype=np.float64)
+    if refine:
+        radius = 2 if encoding.kind == "log_distance" else 1
+        window, lo = _neighbourhood(heatmap.shape, voxel, radius)
+        local = np.asarray(heatmap[window], dtype=np.float64)
+        if not already_sigmoid:
+            local = 1.0 / (1.0 + np.exp(-local))
+        local_voxel = tuple(int(v - l) for v, l in zip(voxel, lo))
+        if encoding.kind == "log_distance":
+            position = _refine_multilateration(local, lo.astype(np.float64), np.asarray(voxel, dtype=np.float64),
+                                               spacing, encoding)
+            # a fit that wanders off means the local field is not distance-like: keep the voxel
+            if np.any(np.abs(position - np.asarray(voxel)) > 1.0):
+                position = np.asarray(voxel, dtype=np.float64)
+        else:
+            position = _refine_parabola(local, local_voxel) + lo
+    return DecodedLandmark(position, voxel, extreme, float(np.clip(confidence, 0.0, 1.0)))

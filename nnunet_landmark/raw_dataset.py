@@ -1,0 +1,153 @@
+"""Write nnU-Net v2 raw datasets that carry landmarks, and read their landmarks back.
+
+Layout (nnU-Net's, plus one folder nnU-Net ignores)::
+
+    Dataset801_Name/
+        imagesTr/CASE_0000.nii.gz
+        labelsTr/CASE.nii.gz
+        landmarksTr/CASE.mrk.json        3D Slicer markups, LPS mm, one control point per landmark
+        dataset.json                     nnU-Net's keys + "landmarks": [names] (the heatmap channel order)
+        splits_final.json                copy of the cross-validation splits
+
+A dataset is assembled in a hidden sibling folder and moved into place only when complete, so an
+interrupted run leaves no half-written dataset, and an existing dataset is only replaced with
+``overwrite=True``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections import OrderedDict
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterable, Iterator, Mapping, Sequence
+
+import numpy as np
+
+from nnunet_landmark.landmark_files import LandmarkFileError, read_markups, write_markups
+
+LANDMARKS_FOLDER = "landmarksTr"
+
+
+class DatasetError(ValueError):
+    """Bad input for a dataset; the message names the file and what is wrong."""
+
+
+def dataset_folder_name(dataset_id: int, name: str) -> str:
+    if not 0 < int(dataset_id) < 1000:
+        raise DatasetError(f"dataset id must be between 1 and 999, got {dataset_id}")
+    if not name or any(c in name for c in "/\\ "):
+        raise DatasetError(f"dataset name {name!r} must be non-empty without spaces or slashes")
+    return f"Dataset{int(dataset_id):03d}_{name}"
+
+
+def kfold_splits(case_ids: Sequence[str], num_folds: int, seed: int = 12345) -> list[dict]:
+    """Deterministic k-fold splits in nnU-Net's ``splits_final.json`` format; each case is held out once."""
+    from nnunetv2.utilities.crossval_split import generate_crossval_split
+
+    cases = sorted(case_ids)
+    if num_folds < 2 or num_folds > len(cases):
+        raise DatasetError(f"cannot make {num_folds} folds from {len(cases)} cases")
+    splits = generate_crossval_split(cases, seed=seed, n_splits=num_folds)
+    return [{"train": sorted(s["train"]), "val": sorted(s["val"])} for s in splits]
+
+
+def make_dataset_json(channel_names: Mapping[str, str], labels: Mapping[str, int], num_training: int,
+                      landmark_names: Sequence[str], file_ending: str = ".nii.gz", **extra) -> dict:
+    """nnU-Net's dataset.json plus ``"landmarks"``; the order of the names fixes the heatmap channels."""
+    if len(set(landmark_names)) != len(landmark_names) or not landmark_names:
+        raise DatasetError(f"landmark names must be unique and non-empty, got {list(landmark_names)}")
+    d = OrderedDict(channel_names=dict(channel_names), labels=dict(labels), numTraining=int(num_training),
+                    file_ending=file_ending, landmarks=list(landmark_names))
+    d.update(extra)
+    return d
+
+
+@contextmanager
+def staged_dataset_folder(final_folder: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+    """Yield an empty staging folder; on success it replaces ``final_folder`` in one rename.
+
+    Raises before anything is written if ``final_folder`` exists and ``overwrite`` is False. On an
+    exception (or Ctrl-C) the staging folder is removed and ``final_folder`` stays as it was.
+    """
+    final = Path(final_folder)
+    if final.exists() and not overwrite:
+        raise FileExistsError(f"{final} already exists; pass --overwrite to replace it")
+    final.parent.mkdir(parents=True, exist_ok=True)
+    staging = final.parent / f".{final.name}.partial-{os.getpid()}"
+    if staging.exists():
+        shutil.rmtree(staging)
+    staging.mkdir()
+    try:
+        yield staging
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    old = final.parent / f".{final.name}.old-{os.getpid()}"
+    if final.exists():
+        os.replace(final, old)
+    os.replace(staging, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def write_case_landmarks(dataset_folder: str | os.PathLike, case: str, landmarks: Mapping[str, Iterable[float]],
+                         descriptions: Mapping[str, str] | None = None) -> None:
+    folder = Path(dataset_folder) / LANDMARKS_FOLDER
+    folder.mkdir(exist_ok=True)
+    write_markups(folder / f"{case}.mrk.json", landmarks, descriptions)
+
+
+def read_dataset_landmarks(dataset_folder: str | os.PathLike, landmark_names: Sequence[str],
+                           cases: Iterable[str] | None = None) -> "OrderedDict[str, np.ndarray]":
+    """{case: (K, 3) LPS mm in ``landmark_names`` order} from ``landmarksTr/``.
+
+    Raises one error that lists every case with a missing file or missing landmark.
+    """
+    folder = Path(dataset_folder) / LANDMARKS_FOLDER
+    if not folder.is_dir():
+        raise DatasetError(f"{folder} does not exist: this dataset has no landmarks (expected one "
+                           f"CASE.mrk.json per training case)")
+    if cases is None:
+        cases = sorted(p.name[:-len(".mrk.json")] for p in folder.glob("*.mrk.json"))
+    out: "OrderedDict[str, np.ndarray]" = OrderedDict()
+    problems = []
+    for case in cases:
+        path = folder / f"{case}.mrk.json"
+        if not path.is_file():
+            problems.append(f"{path}: missing")
+            continue
+        try:
+            points = read_markups(path)
+        except LandmarkFileError as e:
+            problems.append(str(e))
+            continue
+        missing = [n for n in landmark_names if n not in points]
+        if missing:
+            problems.append(f"{path}: lacks landmark(s) {missing} (has {list(points)})")
+            continue
+        out[case] = np.stack([points[n] for n in landmark_names])
+    if problems:
+        shown = "\n  ".join(problems[:20]) + (f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else "")
+        raise DatasetError(f"landmarks missing or unreadable for {len(problems)} case(s):\n  {shown}")
+    return out
+
+
+def save_json(obj, path: str | os.PathLike) -> None:
+    path = Path(path)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def install_splits(splits: list[dict], preprocessed_dataset_folder: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Put ``splits_final.json`` where nnU-Net's trainer reads it; never silently replace different splits."""
+    folder = Path(preprocessed_dataset_folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    target = folder / "splits_final.json"
+    if target.exists() and not overwrite:
+        existing = json.loads(target.read_text())
+        if existing != splits:
+            raise FileExistsError(f"{target} already holds different splits; pass --overwrite to replace them")
+    save_json(splits, target)
+    return target
