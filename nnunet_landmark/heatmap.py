@@ -54,7 +54,7 @@ class HeatmapEncoding:
         d = np.asarray(distance_mm, dtype=np.float32)
         if self.kind == "log_distance":
             out = np.log1p(d / np.float32(self.scale_mm)) / np.float32(math.log1p(self.max_distance_mm / self.scale_mm))
-            return np.minimum(out, np.float32(1.0), out=out)
+            return np.minimum(out, np.float32(1.0), out=out) if isinstance(out, np.ndarray) else min(out, 1.0)
         return np.exp(-(d * d) / np.float32(2 * self.sigma_mm ** 2))
 
     def decode_distance(self, value: np.ndarray) -> np.ndarray:
@@ -102,7 +102,7 @@ class DecodedLandmark:
     position: np.ndarray  # refined voxel index (float, array axes)
     voxel: tuple[int, ...]  # the extreme voxel
     value: float  # heatmap value at the extreme voxel
-    confidence: float  # in [0, 1]; 0 for a flat heatmap
+    confidence: float  # in [0, 1]: 1 for a sharp heatmap whose extremum says "here"; 0 for a flat one
 
 
 def _extreme_voxel(heatmap: np.ndarray, kind: str) -> tuple[int, ...]:
@@ -175,10 +175,10 @@ def decode_heatmap(heatmap: np.ndarray, encoding: HeatmapEncoding, spacing: Sequ
     if not already_sigmoid:
         extreme, far = (1.0 / (1.0 + math.exp(-x)) for x in (extreme, far))
     contrast = abs(far - extreme)
-    if encoding.kind == "log_distance":
-        confidence = (1.0 - extreme) * min(1.0, contrast / 0.5)
-    else:
-        confidence = extreme * min(1.0, contrast / 0.5)
+    # the heatmap's own estimate of how far the best voxel is from the landmark, beyond what the grid explains
+    # (half a voxel diagonal), turns into a confidence; a low-contrast heatmap lowers it further
+    excess_mm = max(0.0, float(encoding.decode_distance(extreme)) - 0.5 * float(np.linalg.norm(spacing)))
+    confidence = math.exp(-excess_mm / (2.0 * float(spacing.max()))) * min(1.0, contrast / 0.5)
     if contrast < flat_threshold:
         warnings.warn(f"{name}: the heatmap is flat (range {contrast:.3f}); the landmark position is a guess "
                       f"(confidence 0)", RuntimeWarning, stacklevel=2)

@@ -1,0 +1,216 @@
+"""Landmark export at prediction time, and a predictor for Python users.
+
+``export_prediction_with_landmarks`` has the signature of nnU-Net's ``export_prediction_from_logits``
+and is what ``nnunet_integration`` installs in its place. For a landmark model it exports the
+segmentation with nnU-Net's own function from the C segmentation channels (so the file is exactly what
+plain nnU-Net writes) and then, from the K heatmap channels:
+
+* ``CASE.mrk.json``: 3D Slicer markups, LPS mm, one control point per landmark, labelled by name,
+  with the confidence in the description;
+* a row per landmark in the folder's ``landmarks.csv`` (``case,name,x,y,z,i,j,k,confidence``: world LPS
+  mm, continuous ITK voxel index of the original image, confidence in [0, 1]);
+* with ``save_probabilities``: ``heatmaps/CASE_NAME.nii.gz``, each heatmap on the original image grid.
+
+Heatmaps are decoded where the network predicted them (preprocessed space, with sub-voxel refinement)
+and the point is mapped back through ``geometry`` - no resampling of the heatmap is involved.
+"""
+from __future__ import annotations
+
+import csv
+import os
+from collections import OrderedDict
+from contextlib import contextmanager
+from typing import Union
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+from batchgenerators.utilities.file_and_folder_operations import load_json
+from nnunetv2.inference import export_prediction as nnunet_export
+from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
+
+from nnunet_landmark.geometry import CaseGeometry
+from nnunet_landmark.heatmap import decode_heatmap
+from nnunet_landmark.landmark_files import format_landmark_rows, write_markups
+from nnunet_landmark.landmark_heads import LandmarkHeads
+
+LANDMARK_TABLE = "landmarks.csv"
+TABLE_EXTRA_COLUMNS = ("i", "j", "k", "confidence")
+HEATMAP_FOLDER = "heatmaps"
+
+# the function nnU-Net exports segmentations with, captured before nnunet_integration replaces the names
+# that point to it
+export_segmentation_from_logits = nnunet_export.export_prediction_from_logits
+
+
+def decode_landmarks(heatmap_logits: Union[np.ndarray, torch.Tensor], properties: dict, plans_manager: PlansManager,
+                     configuration_manager: ConfigurationManager, heads: LandmarkHeads, case: str = "case",
+                     refine: bool = True) -> "OrderedDict[str, dict]":
+    """{name: {"world": LPS mm, "index": ITK continuous index, "confidence": float}} from (K, ...) logits
+    in preprocessed space."""
+    if isinstance(heatmap_logits, torch.Tensor):
+        heatmap_logits = heatmap_logits.detach().cpu().numpy()
+    geometry = CaseGeometry.from_nnunet(properties, plans_manager.transpose_forward, configuration_manager.spacing)
+    out: "OrderedDict[str, dict]" = OrderedDict()
+    for name, logits in zip(heads.names, heatmap_logits):
+        decoded = decode_heatmap(logits, heads.encoding, geometry.preprocessed_spacing, refine=refine,
+                                 name=f"{case}/{name}", already_sigmoid=False)
+        out[name] = {"world": geometry.preprocessed_to_world(decoded.position),
+                     "index": geometry.preprocessed_to_image_index(decoded.position),
+                     "confidence": decoded.confidence}
+    return out
+
+
+@contextmanager
+def _locked_folder(folder: str):
+    """An exclusive lock on a folder, so export workers (and DDP ranks) can update one table in turn."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: no advisory locks; exports there run one table update at a time anyway
+        yield
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
+def update_landmark_table(folder: str, case: str, landmarks: "OrderedDict[str, dict]") -> None:
+    """Replace ``case``'s rows of ``folder/landmarks.csv`` (creating it), keeping other cases' rows."""
+    path = os.path.join(folder, LANDMARK_TABLE)
+    new_rows = [{"case": case, "name": name, "x": float(v["world"][0]), "y": float(v["world"][1]),
+                 "z": float(v["world"][2]), "i": float(v["index"][0]), "j": float(v["index"][1]),
+                 "k": float(v["index"][2]), "confidence": float(v["confidence"])} for name, v in landmarks.items()]
+    with _locked_folder(folder):
+        rows = []
+        if os.path.isfile(path):
+            with open(path, newline="") as f:
+                rows = [r for r in csv.DictReader(f) if r["case"] != case]
+        rows.extend(new_rows)
+        rows.sort(key=lambda r: r["case"])
+        tmp = f"{path}.tmp{os.getpid()}"
+        with open(tmp, "w") as f:
+            f.write(format_landmark_rows(rows, TABLE_EXTRA_COLUMNS))
+        os.replace(tmp, path)
+
+
+def write_heatmaps_on_image_grid(heatmap_logits: np.ndarray, properties: dict, plans_manager: PlansManager,
+                                 configuration_manager: ConfigurationManager, heads: LandmarkHeads,
+                                 output_file_truncated: str) -> list[str]:
+    """Resample the heatmaps (values in [0, 1]) back to the original image grid, one NIfTI per landmark."""
+    probabilities = torch.sigmoid(torch.as_tensor(np.asarray(heatmap_logits, dtype=np.float32)))
+    spacing_transposed = [properties["spacing"][i] for i in plans_manager.transpose_forward]
+    resampled = configuration_manager.resampling_fn_probabilities(
+        probabilities, properties["shape_after_cropping_and_before_resampling"], configuration_manager.spacing,
+        spacing_transposed)
+    resampled = np.asarray(resampled, dtype=np.float32)
+    full = np.full((resampled.shape[0], *properties["shape_before_cropping"]), heads.encoding.background, np.float32)
+    slicer = tuple([slice(None)] + [slice(lo, hi) for lo, hi in properties["bbox_used_for_cropping"]])
+    full[slicer] = resampled
+    full = full.transpose([0] + [i + 1 for i in plans_manager.transpose_backward])
+    folder = os.path.join(os.path.dirname(output_file_truncated), HEATMAP_FOLDER)
+    os.makedirs(folder, exist_ok=True)
+    stuff = properties["sitk_stuff"]
+    written = []
+    for name, heatmap in zip(heads.names, full):
+        image = sitk.GetImageFromArray(np.clip(heatmap, 0, 1))
+        image.SetOrigin(stuff["origin"])
+        image.SetSpacing(stuff["spacing"])
+        image.SetDirection(stuff["direction"])
+        path = os.path.join(folder, f"{os.path.basename(output_file_truncated)}_{name}.nii.gz")
+        sitk.WriteImage(image, path, useCompression=True)
+        written.append(path)
+    return written
+
+
+def export_landmarks(heatmap_logits, properties: dict, plans_manager: PlansManager,
+                     configuration_manager: ConfigurationManager, heads: LandmarkHeads, output_file_truncated: str,
+                     save_heatmaps: bool = False) -> "OrderedDict[str, dict]":
+    """Decode and write one case's landmarks (markups, the folder's table, optionally heatmaps)."""
+    if isinstance(heatmap_logits, torch.Tensor):
+        heatmap_logits = heatmap_logits.detach().cpu().numpy()
+    case = os.path.basename(output_file_truncated)
+    landmarks = decode_landmarks(heatmap_logits, properties, plans_manager, configuration_manager, heads, case)
+    write_markups(output_file_truncated + ".mrk.json", {n: v["world"] for n, v in landmarks.items()},
+                  {n: f"confidence={v['confidence']:.3f}" for n, v in landmarks.items()})
+    update_landmark_table(os.path.dirname(os.path.abspath(output_file_truncated)), case, landmarks)
+    if save_heatmaps:
+        write_heatmaps_on_image_grid(heatmap_logits, properties, plans_manager, configuration_manager, heads,
+                                     output_file_truncated)
+    return landmarks
+
+
+def export_prediction_with_landmarks(predicted_array_or_file, properties_dict: dict,
+                                     configuration_manager: ConfigurationManager, plans_manager: PlansManager,
+                                     dataset_json_dict_or_file, output_file_truncated: str,
+                                     save_probabilities: bool = False, num_threads_torch: int = None):
+    """Drop-in for nnU-Net's ``export_prediction_from_logits`` that also exports landmarks.
+
+    Plans without landmark heads (plain nnU-Net models) go to nnU-Net's function unchanged.
+    """
+    heads = LandmarkHeads.from_plans(plans_manager.plans)
+    kwargs = {} if num_threads_torch is None else {"num_threads_torch": num_threads_torch}
+    if heads is None:
+        return export_segmentation_from_logits(predicted_array_or_file, properties_dict, configuration_manager,
+                                               plans_manager, dataset_json_dict_or_file, output_file_truncated,
+                                               save_probabilities, **kwargs)
+    if isinstance(dataset_json_dict_or_file, str):
+        dataset_json_dict_or_file = load_json(dataset_json_dict_or_file)
+    c = heads.num_segmentation_heads
+    if predicted_array_or_file.shape[0] != heads.num_output_channels:
+        raise RuntimeError(f"{output_file_truncated}: prediction has {predicted_array_or_file.shape[0]} channels, "
+                           f"the landmark model {heads.num_output_channels} ({c} segmentation + {heads.num_landmarks} "
+                           f"heatmaps)")
+    export_landmarks(predicted_array_or_file[c:], properties_dict, plans_manager, configuration_manager, heads,
+                     output_file_truncated, save_probabilities)
+    return export_segmentation_from_logits(predicted_array_or_file[:c], properties_dict, configuration_manager,
+                                           plans_manager, dataset_json_dict_or_file, output_file_truncated,
+                                           save_probabilities, **kwargs)
+
+
+class nnUNetLandmarkPredictor(nnUNetPredictor):
+    """nnU-Net's predictor for landmark models, from Python.
+
+    ``predict_from_files`` & co. work as in nnU-Net and also write landmarks (see the module docstring).
+    ``predict_single_npy_array_with_landmarks`` returns the segmentation and the landmarks in memory.
+    """
+
+    def __init__(self, *args, **kwargs):
+        from nnunet_landmark import nnunet_integration
+        nnunet_integration.install()
+        super().__init__(*args, **kwargs)
+
+    @property
+    def landmark_heads(self) -> LandmarkHeads:
+        heads = LandmarkHeads.from_plans(self.plans_manager.plans) if self.plans_manager is not None else None
+        if heads is None:
+            raise RuntimeError("this predictor holds no landmark model (its plans.json has no 'nnunet_landmark' "
+                               "entry); it was trained with a plain nnU-Net trainer")
+        return heads
+
+    def predict_single_npy_array_with_landmarks(self, input_image: np.ndarray, image_properties: dict,
+                                                refine: bool = True):
+        """(segmentation, landmarks) for one image already loaded as nnU-Net's reader loads it.
+
+        ``image_properties`` must hold ``spacing`` and, for world coordinates, ``sitk_stuff`` (what
+        ``SimpleITKIO().read_images`` returns). Landmarks: {name: {"world", "index", "confidence"}}.
+        """
+        from nnunetv2.inference.data_iterators import PreprocessAdapterFromNpy
+
+        heads = self.landmark_heads
+        adapter = PreprocessAdapterFromNpy([input_image], [None], [image_properties], [None], self.plans_manager,
+                                           self.dataset_json, self.configuration_manager,
+                                           num_threads_in_multithreaded=1, verbose=self.verbose)
+        item = next(adapter)
+        logits = self.predict_logits_from_preprocessed_data(item["data"]).cpu()
+        c = heads.num_segmentation_heads
+        segmentation = nnunet_export.convert_predicted_logits_to_segmentation_with_correct_shape(
+            logits[:c], self.plans_manager, self.configuration_manager,
+            self.plans_manager.get_label_manager(self.dataset_json), item["data_properties"])
+        landmarks = decode_landmarks(logits[c:], item["data_properties"], self.plans_manager,
+                                     self.configuration_manager, heads, refine=refine)
+        return segmentation, landmarks

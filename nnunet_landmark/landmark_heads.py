@@ -1,0 +1,55 @@
+"""What a landmark network outputs after its segmentation channels, recorded in the plans.
+
+A landmark model's network has C segmentation channels followed by K heatmap channels (one per name
+in dataset.json ``"landmarks"``). nnU-Net rebuilds networks at inference from the trainer's static
+``build_network_architecture(plans_manager, ...)``, which sees the plans but not dataset.json, so the
+trainer writes this description into its copy of the plans (saved as ``plans.json`` in the model
+folder) under ``PLANS_KEY``. Plans without the key are plain nnU-Net models and are left alone.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from nnunet_landmark.heatmap import HeatmapEncoding
+
+PLANS_KEY = "nnunet_landmark"
+
+
+@dataclass(frozen=True)
+class LandmarkHeads:
+    names: tuple[str, ...]
+    num_segmentation_heads: int  # C: channels before the heatmaps
+    encoding: HeatmapEncoding
+
+    @property
+    def num_landmarks(self) -> int:
+        return len(self.names)
+
+    @property
+    def num_output_channels(self) -> int:
+        return self.num_segmentation_heads + self.num_landmarks
+
+    def write_to_plans(self, plans: dict) -> None:
+        from nnunet_landmark import __version__
+        plans[PLANS_KEY] = {"landmarks": list(self.names), "num_segmentation_heads": self.num_segmentation_heads,
+                            "heatmap_encoding": self.encoding.to_dict(), "plugin_version": __version__}
+
+    @classmethod
+    def from_plans(cls, plans: dict) -> "LandmarkHeads | None":
+        entry = plans.get(PLANS_KEY) if isinstance(plans, dict) else None
+        if entry is None:
+            return None
+        return cls(tuple(entry["landmarks"]), int(entry["num_segmentation_heads"]),
+                   HeatmapEncoding.from_dict(entry["heatmap_encoding"]))
+
+
+def landmark_names_from_dataset_json(dataset_json: dict, source: str = "dataset.json") -> tuple[str, ...]:
+    """The ``"landmarks"`` list of a dataset.json, checked (non-empty, unique strings)."""
+    names = dataset_json.get("landmarks")
+    if not names:
+        raise RuntimeError(f"{source} has no \"landmarks\" list, so there is nothing for a landmark trainer to "
+                           f"learn. Add e.g. \"landmarks\": [\"apex\"] and one landmarksTr/CASE.mrk.json per "
+                           f"training case (nnUNetv2_convert_MMWHS does this), or train nnUNetTrainer instead.")
+    if not isinstance(names, list) or not all(isinstance(n, str) and n for n in names) or len(set(names)) != len(names):
+        raise RuntimeError(f"{source}: \"landmarks\" must be a list of unique non-empty names, got {names!r}")
+    return tuple(names)

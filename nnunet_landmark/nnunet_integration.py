@@ -1,0 +1,166 @@
+"""Every place where nnunet-landmark reaches into nnU-Net internals: checked against nnunetv2 2.8.1.
+
+nnU-Net has no hooks for extra output channels, so this module adapts exactly three things, and only
+for landmark models (plans with a ``nnunet_landmark`` entry, see ``landmark_heads``); plain nnU-Net
+models run nnU-Net's code unchanged:
+
+1. ``nnUNetPredictor`` preallocates ``label_manager.num_segmentation_heads`` channels for the sliding
+   window. For a landmark model its label manager is swapped for ``LandmarkLabelManager`` (C + K channels;
+   segmentation from the first C) the first time the predictor predicts.
+2. Segmentation export argmaxes every channel. The name ``export_prediction_from_logits`` that
+   ``nnunetv2.inference.predict_from_raw_data`` (``nnUNetv2_predict``, ``..._from_modelfolder``) and
+   ``nnunetv2.training.nnUNetTrainer.nnUNetTrainer`` (final validation) call is pointed to
+   ``inference.export_prediction_with_landmarks``, which exports C channels with nnU-Net's function and
+   the landmarks from the other K.
+3. ``nnUNetTrainer.get_dataloaders`` constructs ``nnUNetDataLoader`` by name; ``data_loader_class``
+   substitutes the landmark loader while a landmark trainer builds its loaders.
+
+``install()`` runs when the landmark trainer module is imported, which nnU-Net does itself when it
+resolves ``-tr nnUNetTrainerLandmark`` (for training and for prediction) before any of the patched
+code runs. ``check_internals()`` fails loudly, naming what moved, if nnU-Net changed underneath us.
+"""
+from __future__ import annotations
+
+import functools
+import importlib.metadata
+import inspect
+import warnings
+from contextlib import contextmanager
+from typing import Callable
+
+from nnunet_landmark import NNUNET_VERSION_CHECKED
+
+_installed = False
+
+EXPECTED_EXPORT_PARAMETERS = ["predicted_array_or_file", "properties_dict", "configuration_manager",
+                              "plans_manager", "dataset_json_dict_or_file", "output_file_truncated",
+                              "save_probabilities", "num_threads_torch"]
+
+
+class LandmarkLabelManager:
+    """A segmentation ``LabelManager`` that also accounts for K heatmap channels after its C channels.
+
+    ``num_segmentation_heads`` is C + K (what the predictor preallocates); conversions to segmentations
+    and probabilities use the first C channels and delegate to the wrapped manager; everything else is
+    the wrapped manager's.
+    """
+
+    def __init__(self, segmentation_label_manager, num_landmarks: int):
+        self.segmentation_label_manager = segmentation_label_manager
+        self.num_landmarks = int(num_landmarks)
+
+    def __getattr__(self, name):
+        if name.startswith("__") or name == "segmentation_label_manager":
+            raise AttributeError(name)
+        return getattr(self.segmentation_label_manager, name)
+
+    @property
+    def num_segmentation_channels(self) -> int:
+        return self.segmentation_label_manager.num_segmentation_heads
+
+    @property
+    def num_segmentation_heads(self) -> int:
+        return self.num_segmentation_channels + self.num_landmarks
+
+    def _segmentation_part(self, array):
+        return array[:self.num_segmentation_channels] if array.shape[0] == self.num_segmentation_heads else array
+
+    def apply_inference_nonlin(self, logits):
+        return self.segmentation_label_manager.apply_inference_nonlin(self._segmentation_part(logits))
+
+    def convert_probabilities_to_segmentation(self, predicted_probabilities):
+        return self.segmentation_label_manager.convert_probabilities_to_segmentation(
+            self._segmentation_part(predicted_probabilities))
+
+    def convert_logits_to_segmentation(self, predicted_logits):
+        return self.segmentation_label_manager.convert_logits_to_segmentation(self._segmentation_part(predicted_logits))
+
+
+def adapt_predictor(predictor) -> None:
+    """Give a predictor holding a landmark model the C + K channel label manager (idempotent)."""
+    from nnunet_landmark.landmark_heads import LandmarkHeads
+
+    if predictor.plans_manager is None or isinstance(predictor.label_manager, LandmarkLabelManager):
+        return
+    heads = LandmarkHeads.from_plans(predictor.plans_manager.plans)
+    if heads is None:
+        return
+    if predictor.label_manager.num_segmentation_heads != heads.num_segmentation_heads:
+        raise RuntimeError(f"the model's plans say {heads.num_segmentation_heads} segmentation channels but its "
+                           f"dataset.json gives {predictor.label_manager.num_segmentation_heads}")
+    predictor.label_manager = LandmarkLabelManager(predictor.label_manager, heads.num_landmarks)
+
+
+def _wrap_sliding_window(original: Callable) -> Callable:
+    @functools.wraps(original)
+    def predict_sliding_window_return_logits(self, input_image):
+        adapt_predictor(self)
+        return original(self, input_image)
+
+    predict_sliding_window_return_logits._nnunet_landmark = True
+    return predict_sliding_window_return_logits
+
+
+def check_internals() -> None:
+    """Raise if the nnU-Net internals this module adapts are not as in nnunetv2 2.8.1."""
+    from nnunetv2.inference import export_prediction, predict_from_raw_data
+    from nnunetv2.training.nnUNetTrainer import nnUNetTrainer as trainer_module
+
+    problems = []
+    for module in (predict_from_raw_data, trainer_module):
+        if not hasattr(module, "export_prediction_from_logits"):
+            problems.append(f"{module.__name__} no longer imports export_prediction_from_logits")
+    parameters = list(inspect.signature(export_prediction.export_prediction_from_logits).parameters)
+    if parameters != EXPECTED_EXPORT_PARAMETERS:
+        problems.append(f"export_prediction_from_logits parameters changed: {parameters}")
+    predictor = predict_from_raw_data.nnUNetPredictor
+    if not hasattr(predictor, "predict_sliding_window_return_logits"):
+        problems.append("nnUNetPredictor.predict_sliding_window_return_logits is gone")
+    source = inspect.getsource(predictor._internal_predict_sliding_window_return_logits)
+    if "self.label_manager.num_segmentation_heads" not in source:
+        problems.append("nnUNetPredictor no longer sizes its logits by self.label_manager.num_segmentation_heads")
+    if not hasattr(trainer_module, "nnUNetDataLoader") or \
+            "nnUNetDataLoader(" not in inspect.getsource(trainer_module.nnUNetTrainer.get_dataloaders):
+        problems.append("nnUNetTrainer.get_dataloaders no longer constructs nnUNetDataLoader by name")
+    if problems:
+        raise RuntimeError("nnunet-landmark was checked against nnunetv2 " + NNUNET_VERSION_CHECKED +
+                           " and these internals it adapts have changed:\n  " + "\n  ".join(problems) +
+                           "\nInstall nnunetv2==" + NNUNET_VERSION_CHECKED + " or update nnunet_landmark/"
+                           "nnunet_integration.py.")
+
+
+def install() -> None:
+    """Apply the adaptations (idempotent). Plain nnU-Net models are unaffected by them."""
+    global _installed
+    if _installed:
+        return
+    version = importlib.metadata.version("nnunetv2")
+    if not version.startswith(NNUNET_VERSION_CHECKED.rsplit(".", 1)[0] + "."):
+        warnings.warn(f"nnunet-landmark was checked against nnunetv2 {NNUNET_VERSION_CHECKED}; you have {version}",
+                      RuntimeWarning, stacklevel=2)
+    check_internals()
+    from nnunetv2.inference import predict_from_raw_data
+    from nnunetv2.training.nnUNetTrainer import nnUNetTrainer as trainer_module
+
+    from nnunet_landmark.inference import export_prediction_with_landmarks
+
+    predictor = predict_from_raw_data.nnUNetPredictor
+    if not getattr(predictor.predict_sliding_window_return_logits, "_nnunet_landmark", False):
+        predictor.predict_sliding_window_return_logits = _wrap_sliding_window(
+            predictor.predict_sliding_window_return_logits)
+    predict_from_raw_data.export_prediction_from_logits = export_prediction_with_landmarks
+    trainer_module.export_prediction_from_logits = export_prediction_with_landmarks
+    _installed = True
+
+
+@contextmanager
+def data_loader_class(factory: Callable):
+    """While active, ``nnUNetTrainer.get_dataloaders`` constructs its loaders with ``factory``."""
+    from nnunetv2.training.nnUNetTrainer import nnUNetTrainer as trainer_module
+
+    original = trainer_module.nnUNetDataLoader
+    trainer_module.nnUNetDataLoader = factory
+    try:
+        yield
+    finally:
+        trainer_module.nnUNetDataLoader = original

@@ -1,0 +1,1 @@
+"""Training: nnUNetTrainerLandmark, its data loading, loss and logging."""
