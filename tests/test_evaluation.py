@@ -1,0 +1,355 @@
+"""Evaluation package on fake nnU-Net folders built from phantoms with known perturbations.
+
+Layout built once per module: a raw dataset (8 tiny phantoms, 4 folds of 2 held-out cases), a landmark
+model's results (LV eroded by one voxel on even cases, identical on odd ones; apex shifted by exactly
+``n + 1`` mm, mitral valve by exactly 2 mm) and a plain model's results (LV dilated by one voxel into
+the myocardium, no landmarks).
+"""
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import matplotlib.image
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from scipy import ndimage, stats
+
+from nnunet_landmark.baselines import apex_from_segmentation
+from nnunet_landmark.evaluation.cli import compare_entry_point, crossval_entry_point, evaluate_entry_point
+from nnunet_landmark.evaluation.compare import compare_to_plain, paired_wilcoxon
+from nnunet_landmark.evaluation.crossval import crossval_summary
+from nnunet_landmark.evaluation.evaluate import EvaluationError, evaluate_folder
+from nnunet_landmark.evaluation.metrics import dice, summarize
+from nnunet_landmark.evaluation.qc import qc_figure
+from nnunet_landmark.evaluation.report import write_report
+from nnunet_landmark.geometry import ImageGeometry
+from nnunet_landmark.landmark_files import format_landmark_rows, write_landmark_csv, write_markups
+from nnunet_landmark.phantoms import generate_phantom
+
+DATASET = "Dataset987_FakeLV"
+LABELS = {"background": 0, "LV_blood_cavity": 1, "LV_myocardium": 2}
+LANDMARKS = ["apex", "mitral_valve"]
+CASES = [f"lv_{n:03d}" for n in range(8)]
+SPLITS = [{"train": [c for c in CASES if c not in CASES[2 * f:2 * f + 2]], "val": CASES[2 * f:2 * f + 2]}
+          for f in range(4)]
+APEX_DIRECTION = np.array([0.6, 0.0, 0.8])  # unit vector: case n's apex is off by exactly n + 1 mm
+MITRAL_SHIFT = np.array([0.0, 2.0, 0.0])
+LANDMARK_TRAINER = "nnUNetTrainerLandmark__nnUNetPlans__3d_fullres"
+PLAIN_TRAINER = "nnUNetTrainer__nnUNetPlans__3d_fullres"
+
+
+def write_labels(path: Path, array: np.ndarray, reference: sitk.Image) -> None:
+    image = sitk.GetImageFromArray(array.astype(np.uint8))
+    image.CopyInformation(reference)
+    sitk.WriteImage(image, str(path), useCompression=True)
+
+
+def fake_png(path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    matplotlib.image.imsave(path, np.random.default_rng(0).random((20, 30, 3)))
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    root = tmp_path_factory.mktemp("study")
+    raw = root / "nnUNet_raw" / DATASET
+    landmark_results = root / "nnUNet_results" / DATASET / LANDMARK_TRAINER
+    plain_results = root / "nnUNet_results" / DATASET / PLAIN_TRAINER
+    for sub in ("imagesTr", "labelsTr", "landmarksTr"):
+        (raw / sub).mkdir(parents=True)
+    (raw / "dataset.json").write_text(json.dumps({
+        "channel_names": {"0": "CT"}, "labels": LABELS, "numTraining": len(CASES), "file_ending": ".nii.gz",
+        "landmarks": LANDMARKS}))
+    (raw / "splits_final.json").write_text(json.dumps(SPLITS))
+    truth = {}
+    for n, case in enumerate(CASES):
+        fold = n // 2
+        phantom = generate_phantom(100 + n, "tiny")
+        mmwhs = sitk.GetArrayFromImage(phantom.label)
+        reference = np.where(mmwhs == 500, 1, np.where(mmwhs == 205, 2, 0)).astype(np.uint8)
+        sitk.WriteImage(phantom.image, str(raw / "imagesTr" / f"{case}_0000.nii.gz"), useCompression=True)
+        write_labels(raw / "labelsTr" / f"{case}.nii.gz", reference, phantom.label)
+        points = {name: phantom.landmarks[name] for name in LANDMARKS}
+        write_markups(raw / "landmarksTr" / f"{case}.mrk.json", points)
+
+        lv = reference == 1
+        landmark_lv = ndimage.binary_erosion(lv) if n % 2 == 0 else lv
+        landmark_seg = np.where(landmark_lv, 1, np.where(reference == 2, 2, 0))
+        plain_lv = ndimage.binary_dilation(lv) & ((reference == 1) | (reference == 2))
+        plain_seg = np.where(plain_lv, 1, np.where(reference == 2, 2, 0))
+        predicted = {"apex": points["apex"] + (n + 1) * APEX_DIRECTION, "mitral_valve": points["mitral_valve"] + MITRAL_SHIFT}
+        validation = landmark_results / f"fold_{fold}" / "validation"
+        validation.mkdir(parents=True, exist_ok=True)
+        write_labels(validation / f"{case}.nii.gz", landmark_seg, phantom.label)
+        write_markups(validation / f"{case}.mrk.json", predicted, {k: "confidence=0.9" for k in predicted})
+        plain_validation = plain_results / f"fold_{fold}" / "validation"
+        plain_validation.mkdir(parents=True, exist_ok=True)
+        write_labels(plain_validation / f"{case}.nii.gz", plain_seg, phantom.label)
+        truth[case] = dict(fold=fold, reference=reference, landmark_seg=landmark_seg, plain_seg=plain_seg,
+                           points=points, predicted=predicted,
+                           # the header as stored (NIfTI keeps float32): what every reader of the files sees
+                           geometry=ImageGeometry.from_file(raw / "labelsTr" / f"{case}.nii.gz"))
+    for fold in range(4):
+        rows = [{"case": c, "name": name, **{axis: repr(float(v)) for axis, v in zip("xyz", p)},
+                 "confidence": 0.5 + 0.1 * i}
+                for c in SPLITS[fold]["val"] for i, (name, p) in enumerate(truth[c]["predicted"].items())]
+        validation = landmark_results / f"fold_{fold}" / "validation"
+        (validation / "landmarks.csv").write_text(format_landmark_rows(rows, ["confidence"]))
+        (validation / "summary.json").write_text("{}")
+        fake_png(landmark_results / f"fold_{fold}" / "progress.png")
+    return dict(root=root, raw=raw, landmark_results=landmark_results, plain_results=plain_results, truth=truth)
+
+
+def independent_dice(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = set(map(tuple, np.argwhere(a))), set(map(tuple, np.argwhere(b)))
+    return 2 * len(a & b) / (len(a) + len(b))
+
+
+# ---------------------------------------------------------------------------------------------- metrics
+def test_dice_and_summary_conventions():
+    empty, full = np.zeros((3, 3), bool), np.ones((3, 3), bool)
+    assert np.isnan(dice(empty, empty))
+    assert dice(empty, full) == 0.0 and dice(full, empty) == 0.0
+    assert dice(full, full) == 1.0
+    s = summarize([1.0, 2.0, float("nan"), None, 6.0])
+    assert s["n"] == 3 and s["n_nan"] == 2
+    assert s["mean"] == pytest.approx(3.0) and s["median"] == 2.0 and s["max"] == 6.0 and s["min"] == 1.0
+    assert s["sd"] == pytest.approx(np.std([1, 2, 6], ddof=1))
+    assert np.isnan(summarize([4.0])["sd"]) and summarize([])["n"] == 0
+
+
+# ---------------------------------------------------------------------------------------------- evaluate_folder
+def test_evaluate_folder_exact_errors_dice_and_files(study, tmp_path):
+    validation = study["landmark_results"] / "fold_1" / "validation"
+    raw = study["raw"]
+    results = evaluate_folder(validation, raw / "labelsTr", raw / "landmarksTr", output_prefix=tmp_path / "ev",
+                              dataset_json=raw / "dataset.json", progress=False)
+    assert [r["case"] for r in results["per_case"]] == ["lv_002", "lv_003"]
+    assert results["labels"] == {"LV_blood_cavity": 1, "LV_myocardium": 2}
+    assert results["landmarks"] == LANDMARKS
+    for record in results["per_case"]:
+        t = study["truth"][record["case"]]
+        n = CASES.index(record["case"])
+        assert record["landmark_error_mm"]["apex"] == pytest.approx(n + 1, abs=1e-9)
+        assert record["landmark_error_mm"]["mitral_valve"] == pytest.approx(2.0, abs=1e-9)
+        for name, value in (("LV_blood_cavity", 1), ("LV_myocardium", 2)):
+            assert record["dice"][name] == pytest.approx(
+                independent_dice(t["reference"] == value, t["landmark_seg"] == value), abs=1e-12)
+        assert record["confidence"] == {"apex": pytest.approx(0.5), "mitral_valve": pytest.approx(0.6)}
+    assert results["per_case"][1]["dice"]["LV_blood_cavity"] == 1.0  # odd case: unchanged LV
+    assert results["per_case"][0]["dice"]["LV_blood_cavity"] < 0.9  # even case: eroded LV
+    apex = results["summary"]["landmark_error_mm"]["apex"]
+    assert apex["mean"] == pytest.approx(3.5) and apex["max"] == pytest.approx(4.0)
+    assert apex["sd"] == pytest.approx(np.std([3, 4], ddof=1)) and apex["n"] == 2
+
+    on_disk = json.loads((tmp_path / "ev.json").read_text())
+    assert on_disk["summary"]["landmark_error_mm"]["apex"]["median"] == pytest.approx(3.5)
+    assert len(on_disk["per_case"]) == 2
+    with open(tmp_path / "ev.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == ["case", "dice_LV_blood_cavity", "dice_LV_myocardium", "error_mm_apex",
+                             "error_mm_mitral_valve", "confidence_apex", "confidence_mitral_valve"]
+    assert float(rows[1]["error_mm_apex"]) == pytest.approx(4.0, abs=1e-9)
+
+
+def test_evaluate_folder_reference_csv_labels_and_fallbacks(study, tmp_path):
+    raw = study["raw"]
+    write_landmark_csv(tmp_path / "reference.csv", {c: study["truth"][c]["points"] for c in CASES})
+    validation = tmp_path / "validation"
+    shutil.copytree(study["landmark_results"] / "fold_0" / "validation", validation)
+    (validation / "lv_000.mrk.json").unlink()  # landmarks.csv of the folder still holds this case
+    results = evaluate_folder(validation, raw / "labelsTr", tmp_path / "reference.csv", labels={"LV": 1},
+                              landmark_names=["apex"], progress=False)
+    assert [r["landmark_error_mm"]["apex"] for r in results["per_case"]] == [pytest.approx(1.0), pytest.approx(2.0)]
+    assert list(results["per_case"][0]["dice"]) == ["LV"]
+    # the dataset.json beside labelsTr is found by itself
+    assert evaluate_folder(validation, raw / "labelsTr", None, progress=False)["labels"] == {
+        "LV_blood_cavity": 1, "LV_myocardium": 2}
+
+    (validation / "landmarks.csv").unlink()
+    with pytest.raises(EvaluationError, match=r"lv_000\.mrk\.json: missing"):
+        evaluate_folder(validation, raw / "labelsTr", raw / "landmarksTr", labels={"LV": 1}, progress=False)
+    # landmarks not requested: the segmentation alone is fine
+    assert "landmark_error_mm" not in evaluate_folder(validation, raw / "labelsTr", None, labels={"LV": 1},
+                                                      progress=False)["per_case"][0]
+
+
+def test_evaluate_folder_grid_mismatch_and_unknown_cases(study, tmp_path):
+    raw = study["raw"]
+    validation = tmp_path / "validation"
+    shutil.copytree(study["landmark_results"] / "fold_0" / "validation", validation)
+    image = sitk.ReadImage(str(validation / "lv_001.nii.gz"))
+    image.SetOrigin(tuple(np.asarray(image.GetOrigin()) + 5.0))
+    sitk.WriteImage(image, str(validation / "lv_001.nii.gz"))
+    with pytest.raises(EvaluationError, match=r"lv_001\.nii\.gz: its grid differs from the reference"):
+        evaluate_folder(validation, raw / "labelsTr", None, labels={"LV": 1}, progress=False)
+    shutil.copy(validation / "lv_000.nii.gz", validation / "stranger.nii.gz")
+    with pytest.raises(EvaluationError, match="stranger.nii.gz"):
+        evaluate_folder(validation, raw / "labelsTr", None, labels={"LV": 1}, progress=False)
+
+
+# ---------------------------------------------------------------------------------------------- crossval
+def expected_mean_position(study, fold: int, case: str) -> np.ndarray:
+    """Independent of the baseline class: mean world offset from the image centre over training cases."""
+    def centre(g):
+        return np.asarray(g.origin) + g.direction_matrix @ (np.asarray(g.spacing) * (np.asarray(g.size) - 1) / 2)
+    truth = study["truth"]
+    offsets = [truth[c]["points"]["apex"] - centre(truth[c]["geometry"]) for c in SPLITS[fold]["train"]]
+    return centre(truth[case]["geometry"]) + np.mean(offsets, axis=0)
+
+
+def test_crossval_summary_table2(study, tmp_path):
+    summary = crossval_summary(study["landmark_results"], study["raw"], output_folder=tmp_path, qc=True,
+                               progress=False)
+    assert summary["folds"] == [0, 1, 2, 3]
+    assert [r["case"] for r in summary["per_case"]] == CASES
+    truth = study["truth"]
+    for n, row in enumerate(summary["per_case"]):
+        t = truth[row["case"]]
+        assert row["fold"] == n // 2
+        assert row["error_mm"] == pytest.approx(n + 1, abs=1e-9)
+        assert row["dice"] == pytest.approx(independent_dice(t["reference"] == 1, t["landmark_seg"] == 1), abs=1e-12)
+        expected = expected_mean_position(study, row["fold"], row["case"])
+        assert row["mean_position_error_mm"] == pytest.approx(np.linalg.norm(expected - t["points"]["apex"]), abs=1e-6)
+        tip = apex_from_segmentation(t["landmark_seg"], t["geometry"], 1)
+        assert row["geometric_tip_error_mm"] == pytest.approx(np.linalg.norm(tip - t["points"]["apex"]), abs=1e-9)
+    errors = np.arange(1, 9, dtype=float)
+    overall = summary["overall"]["error_mm"]
+    assert overall["mean"] == pytest.approx(4.5) and overall["median"] == pytest.approx(4.5)
+    assert overall["max"] == pytest.approx(8.0) and overall["sd"] == pytest.approx(np.std(errors, ddof=1))
+    assert summary["per_fold"]["3"]["error_mm"]["mean"] == pytest.approx(7.5)
+
+    with open(tmp_path / "crossval_summary.csv") as f:
+        rows = list(csv.reader(f))
+    assert rows[0] == ["fold", "case", "dice", "error_mm", "confidence", "geometric_tip_error_mm",
+                       "mean_position_error_mm"]
+    assert [r[0] for r in rows[9:]] == ["mean", "sd", "median", "min", "max"]
+    assert float(rows[8][3]) == pytest.approx(8.0) and rows[8][:2] == ["3", "lv_007"]
+    assert float(rows[9][3]) == pytest.approx(4.5)
+    markdown = (tmp_path / "crossval_summary.md").read_text()
+    assert "| Fold | Image | Dice | L2 apex (mm) | Geometric tip (mm) | Mean position (mm) |" in markdown
+    assert "| 3 | lv_007 | 1.000 | 8.00 |" in markdown
+    assert "| **Mean** |  | " in markdown and "| **Max** |" in markdown
+    on_disk = json.loads((tmp_path / "crossval_summary.json").read_text())
+    assert on_disk["overall"]["error_mm"]["mean"] == pytest.approx(4.5)
+    assert (tmp_path / "folds" / "fold_2.json").is_file()
+    assert len(summary["qc_pngs"]) == 8
+    for png in summary["qc_pngs"][:2]:
+        image = matplotlib.image.imread(png)
+        assert image.shape[0] > 400 and image.shape[1] > 1000
+
+
+def test_crossval_rejects_splits_that_do_not_match(study, tmp_path):
+    wrong = [{"train": s["train"], "val": list(reversed(SPLITS))[i]["val"]} for i, s in enumerate(SPLITS)]
+    (tmp_path / "splits.json").write_text(json.dumps(wrong))
+    with pytest.raises(EvaluationError, match="the splits say fold 0 holds out"):
+        crossval_summary(study["landmark_results"], study["raw"], folds=[0], output_folder=tmp_path,
+                         splits_file=tmp_path / "splits.json", progress=False)
+
+
+# ---------------------------------------------------------------------------------------------- compare
+def test_paired_wilcoxon_edge_cases():
+    same = paired_wilcoxon([0.9, 0.8, 0.7], [0.9, 0.8, 0.7])
+    assert same["p_value"] == 1.0 and same["n_nonzero"] == 0 and "all paired differences are zero" in same["note"]
+    few = paired_wilcoxon([1.0, 2.0, 3.0, 4.5], [0.5, 2.5, 1.0, 1.0])
+    assert few["underpowered"] and few["p_value"] == pytest.approx(stats.wilcoxon([0.5, -0.5, 2.0, 3.5]).pvalue)
+    assert "cannot show a difference" in few["note"]
+    with_nan = paired_wilcoxon([1.0, float("nan"), 3.0], [0.0, 1.0, None])
+    assert with_nan["n"] == 1 and with_nan["n_dropped_nan"] == 2
+    assert paired_wilcoxon([], [])["p_value"] is None
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=12), rng.normal(size=12)
+    full = paired_wilcoxon(a, b)
+    assert not full["underpowered"] and full["p_value"] == pytest.approx(stats.wilcoxon(a - b).pvalue)
+
+
+def test_compare_to_plain(study, tmp_path):
+    comparison = compare_to_plain(study["landmark_results"], study["plain_results"], study["raw"], tmp_path,
+                                  progress=False)
+    truth = study["truth"]
+    landmark_dice = [independent_dice(truth[c]["reference"] == 1, truth[c]["landmark_seg"] == 1) for c in CASES]
+    plain_dice = [independent_dice(truth[c]["reference"] == 1, truth[c]["plain_seg"] == 1) for c in CASES]
+    differences = np.asarray(landmark_dice) - np.asarray(plain_dice)
+    np.testing.assert_allclose([r["dice_difference"] for r in comparison["per_case"]], differences, atol=1e-12)
+    assert comparison["dice"]["wilcoxon"]["p_value"] == pytest.approx(stats.wilcoxon(differences).pvalue)
+    assert comparison["dice"]["wilcoxon"]["n"] == 8
+    np.testing.assert_allclose([r["error_landmark_model"] for r in comparison["per_case"]], np.arange(1, 9), atol=1e-9)
+    for row in comparison["per_case"]:
+        t = truth[row["case"]]
+        tip = apex_from_segmentation(t["plain_seg"], t["geometry"], 1)
+        assert row["error_tip_plain"] == pytest.approx(np.linalg.norm(tip - t["points"]["apex"]), abs=1e-9)
+        expected = expected_mean_position(study, row["fold"], row["case"])
+        assert row["error_mean_position"] == pytest.approx(np.linalg.norm(expected - t["points"]["apex"]), abs=1e-6)
+    test = comparison["landmark_error_wilcoxon_vs_model"]["error_mean_position"]
+    model = np.arange(1, 9, dtype=float)
+    assert test["p_value"] == pytest.approx(
+        stats.wilcoxon(model - np.asarray([r["error_mean_position"] for r in comparison["per_case"]])).pvalue)
+
+    on_disk = json.loads((tmp_path / "comparison.json").read_text())
+    assert on_disk["dice"]["wilcoxon"]["p_value"] == pytest.approx(stats.wilcoxon(differences).pvalue)
+    assert "Wilcoxon" in (tmp_path / "comparison.md").read_text()
+    assert (tmp_path / "landmark" / "crossval_summary.md").is_file()
+    for name, (min_height, min_width) in {"dice_boxplot": (400, 450), "landmark_error_boxplot": (400, 700),
+                                          "per_fold": (400, 900)}.items():
+        image = matplotlib.image.imread(tmp_path / f"{name}.png")
+        assert image.shape[0] >= min_height and image.shape[1] >= min_width and image.std() > 0.01
+    shutil.copy(tmp_path / "landmark_error_boxplot.png", "/tmp/compare_check.png")
+
+    report = write_report(tmp_path / "report", comparison["landmark_crossval"], comparison,
+                          learning_curve_pngs=[study["landmark_results"] / "fold_0" / "progress.png"],
+                          qc_pngs=[])
+    text = report.read_text()
+    assert "| Fold | Image | Dice | L2 apex (mm)" in text and "Comparison with plain nnU-Net" in text
+    for link in [line[line.index("](") + 2:-1] for line in text.splitlines() if line.startswith("![")]:
+        assert (report.parent / link).is_file(), link
+
+
+def test_compare_rejects_different_case_sets(study, tmp_path):
+    plain = tmp_path / PLAIN_TRAINER
+    shutil.copytree(study["plain_results"], plain)
+    shutil.rmtree(plain / "fold_3")
+    with pytest.raises(EvaluationError, match="different folds"):
+        compare_to_plain(study["landmark_results"], plain, study["raw"], tmp_path / "out", progress=False)
+    shutil.copytree(study["plain_results"] / "fold_3", plain / "fold_3")
+    (plain / "fold_3" / "validation" / "lv_007.nii.gz").unlink()
+    with pytest.raises(EvaluationError, match="lv_007"):
+        compare_to_plain(study["landmark_results"], plain, study["raw"], tmp_path / "out", progress=False)
+
+
+# ---------------------------------------------------------------------------------------------- qc + cli
+def test_qc_figure(study, tmp_path):
+    raw, t = study["raw"], study["truth"]["lv_000"]
+    png = tmp_path / "qc.png"
+    out = qc_figure(raw / "imagesTr" / "lv_000_0000.nii.gz", raw / "labelsTr" / "lv_000.nii.gz",
+                    study["landmark_results"] / "fold_0" / "validation" / "lv_000.nii.gz", t["points"]["apex"],
+                    t["predicted"]["apex"], png, extra_points={"mean position": t["points"]["apex"] + 10})
+    assert out["error_mm"] == pytest.approx(1.0)
+    assert out["dice"] == pytest.approx(independent_dice(t["reference"] == 1, t["landmark_seg"] == 1))
+    image = matplotlib.image.imread(png)
+    assert image.shape[0] > 400 and image.shape[1] > 1000
+
+
+def test_entry_points_in_process(study, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("nnUNet_raw", str(study["root"] / "nnUNet_raw"))
+    monkeypatch.setenv("nnUNet_results", str(study["root"] / "nnUNet_results"))
+    monkeypatch.setenv("nnUNet_preprocessed", str(tmp_path / "nnUNet_preprocessed"))
+    raw = study["raw"]
+    evaluate_entry_point(["-pred", str(study["landmark_results"] / "fold_0" / "validation"), "-ref_labels",
+                          str(raw / "labelsTr"), "-ref_landmarks", str(raw / "landmarksTr"), "-landmarks", "apex",
+                          "-o", str(tmp_path / "eval"), "--no_progress"])
+    assert json.loads((tmp_path / "eval.json").read_text())["landmarks"] == ["apex"]
+    crossval_entry_point(["-d", "987", "-f", "0", "1", "-o", str(tmp_path / "cv"), "--no_progress"])
+    summary = json.loads((tmp_path / "cv" / "crossval_summary.json").read_text())
+    assert summary["folds"] == [0, 1] and summary["overall"]["error_mm"]["mean"] == pytest.approx(2.5)
+    assert "fold_0:" in (tmp_path / "cv" / "report.md").read_text()  # the learning curve is linked
+    compare_entry_point(["-d", DATASET, "-f", "0", "1", "-o", str(tmp_path / "cmp"), "--no_progress"])
+    assert (tmp_path / "cmp" / "report.md").is_file() and (tmp_path / "cmp" / "dice_boxplot.png").is_file()
+    assert "Dice landmark" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_info:
+        crossval_entry_point(["-d", "987", "-tr", "nnUNetTrainerMissing", "--no_progress"])
+    assert exit_info.value.code == 1
+    assert "nnUNetTrainerMissing__nnUNetPlans__3d_fullres: no trained model" in capsys.readouterr().err
