@@ -10,10 +10,13 @@ checked before anything is written; the dataset appears in ``$nnUNet_raw`` in on
 from __future__ import annotations
 
 import argparse
+import gzip
+import json
 import os
 import re
 import shutil
 import sys
+import zlib
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,6 +50,7 @@ class CaseInput:
     geometry: ImageGeometry | None = None
     landmarks: "OrderedDict[str, np.ndarray]" = field(default_factory=OrderedDict)
     derived: list = field(default_factory=list)
+    annotation_files: dict = field(default_factory=dict)  # landmark name -> the file it was read from
 
 
 def discover_cases(ct_train_dir: Path) -> "OrderedDict[str, CaseInput]":
@@ -69,21 +73,63 @@ def discover_cases(ct_train_dir: Path) -> "OrderedDict[str, CaseInput]":
     return cases
 
 
+def check_nifti_complete(path: Path) -> None:
+    """Raise if a NIfTI file holds fewer voxel bytes than its header promises, or its gzip stream is broken.
+
+    ITK reads a truncated file (an interrupted download) without complaint and fills the rest with zeros.
+    """
+    import nibabel
+
+    try:
+        header = nibabel.load(str(path)).header
+        expected = int(header.get_data_offset()) + int(np.prod(header.get_data_shape(), dtype=np.int64)) \
+            * header.get_data_dtype().itemsize
+    except Exception as e:  # nibabel raises many types for a broken header
+        raise DatasetError(f"{path}: cannot read the NIfTI header ({e})") from e
+    if str(path).endswith(".gz"):
+        size = 0
+        try:
+            with gzip.open(path, "rb") as f:
+                while chunk := f.read(1 << 24):
+                    size += len(chunk)
+        except (OSError, EOFError, zlib.error) as e:
+            raise DatasetError(f"{path}: truncated or corrupt gzip data ({e}); download or export it again") from e
+    else:
+        size = os.path.getsize(path)
+    if size < expected:
+        raise DatasetError(f"{path}: truncated: {size} bytes where the header needs {expected}; download or "
+                           f"export it again")
+
+
+def _read_voxels(path: Path) -> np.ndarray:
+    try:
+        return sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
+    except RuntimeError as e:
+        raise DatasetError(f"{path}: unreadable ({str(e).strip().splitlines()[-1]})") from e
+
+
 def check_image_and_label(item: CaseInput, allowed_values: set[int]) -> np.ndarray:
-    """Read headers and every label value; return the label array (z, y, x)."""
-    item.geometry = ImageGeometry.from_file(item.image)
-    label_geometry = ImageGeometry.from_file(item.label)
+    """Read headers, check both files hold all their voxels, read every label value; return the labels (z, y, x)."""
+    try:
+        item.geometry = ImageGeometry.from_file(item.image)
+        label_geometry = ImageGeometry.from_file(item.label)
+    except ValueError as e:  # names the file
+        raise DatasetError(str(e)) from e
     if not item.geometry.same_grid_as(label_geometry):
         raise DatasetError(
             f"{item.label}: its grid differs from the image {item.image.name} (label size {label_geometry.size}, "
             f"spacing {np.round(label_geometry.spacing, 4).tolist()}, origin "
             f"{np.round(label_geometry.origin, 2).tolist()}; image size {item.geometry.size}, spacing "
             f"{np.round(item.geometry.spacing, 4).tolist()}, origin {np.round(item.geometry.origin, 2).tolist()})")
-    try:
-        label = sitk.GetArrayFromImage(sitk.ReadImage(str(item.label)))
-    except RuntimeError as e:
-        raise DatasetError(f"{item.label}: unreadable ({str(e).strip().splitlines()[-1]})") from e
-    values = set(int(v) for v in np.unique(label))
+    # the image is copied byte for byte: a truncated or corrupt file must stop us here
+    check_nifti_complete(item.image)
+    check_nifti_complete(item.label)
+    label = _read_voxels(item.label)
+    unique = np.unique(label)
+    if unique.dtype.kind == "f" and not np.all(unique == np.round(unique)):
+        raise DatasetError(f"{item.label}: holds non-integer label values "
+                           f"{unique[unique != np.round(unique)][:5].tolist()}; a label map needs integer values")
+    values = set(int(v) for v in unique)
     unexpected = sorted(values - allowed_values)
     if unexpected:
         counts = {v: int((label == v).sum()) for v in unexpected[:10]}
@@ -98,17 +144,27 @@ def derive_apex(label: np.ndarray, geometry: ImageGeometry) -> tuple[np.ndarray,
     """(apex, mitral valve centre) in LPS mm from an MM-WHS label map.
 
     The mitral valve centre is the centroid of the LV-cavity voxels that touch the LA (the LV-LA
-    interface); the apex is the LV-cavity voxel farthest from it.
+    interface); the apex is the LV-cavity voxel farthest from it. Only the largest connected piece of
+    the cavity counts: real MM-WHS label maps hold stray single 500 voxels, which must not become the apex.
     """
-    cavity = label == LV_CAVITY
-    la = label == LEFT_ATRIUM
-    if not la.any():
+    if not (label == LEFT_ATRIUM).any():
         raise DatasetError("cannot derive the apex: the label map has no LA (label 420) to find the mitral valve")
+    cavity = label == LV_CAVITY
+    if not cavity.any():
+        raise DatasetError(f"cannot derive the apex: the label map has no LV blood cavity (label {LV_CAVITY})")
+    # work inside the cavity's bounding box, one voxel wider for the LA next to it (10-50x fewer voxels)
+    box = tuple(slice(max(s.start - 1, 0), s.stop + 1) for s in ndimage.find_objects(cavity.view(np.uint8))[0])
+    offset = np.array([s.start for s in box], dtype=np.float64)
+    cavity = cavity[box]
+    components, n = ndimage.label(cavity)
+    if n > 1:
+        cavity = components == (np.argmax(np.bincount(components.ravel())[1:]) + 1)
+    la = label[box] == LEFT_ATRIUM
     interface = cavity & ndimage.binary_dilation(la, structure=ndimage.generate_binary_structure(3, 1))
     if not interface.any():
         raise DatasetError("cannot derive the apex: the LV cavity (500) and LA (420) do not touch")
-    mitral = geometry.array_index_to_world(np.argwhere(interface).mean(axis=0))
-    cavity_world = geometry.array_index_to_world(np.argwhere(cavity).astype(np.float64))
+    mitral = geometry.array_index_to_world(np.argwhere(interface).mean(axis=0) + offset)
+    cavity_world = geometry.array_index_to_world(np.argwhere(cavity) + offset)
     apex = cavity_world[np.argmax(np.linalg.norm(cavity_world - mitral, axis=1))]
     return apex, mitral
 
@@ -130,10 +186,18 @@ class AnnotationSource:
         self.default_name = self.name or default_name
         if not self.path.exists():
             raise DatasetError(f"{self.path}: annotation path does not exist")
-        self._table = read_landmark_csv(self.path) if self.path.is_file() and self.path.suffix == ".csv" else None
+        try:
+            self._table = read_landmark_csv(self.path) if self.path.is_file() and self.path.suffix == ".csv" else None
+        except LandmarkFileError as e:
+            raise DatasetError(str(e)) from e
+        self.files: dict[str, Path] = {}  # case -> the file the last ``get`` read
 
     def get(self, case: str, names: list[str], geometry: ImageGeometry) -> "OrderedDict[str, np.ndarray]":
         """The landmarks among ``names`` this source has for ``case`` (possibly none)."""
+        self.files[case] = self.path
+        return self._get(case, names, geometry)
+
+    def _get(self, case: str, names: list[str], geometry: ImageGeometry) -> "OrderedDict[str, np.ndarray]":
         if self._table is not None:
             return OrderedDict((n, p) for n, p in self._table.get(case, {}).items() if n in names)
         if self.path.is_file():
@@ -141,6 +205,7 @@ class AnnotationSource:
                                f"masks or .mrk.json files")
         markups = self.path / f"{case}.mrk.json"
         if markups.exists():
+            self.files[case] = markups
             points = read_markups(markups)
             if len(points) == 1 and self.default_name in names and self.default_name not in points:
                 return OrderedDict([(self.default_name, next(iter(points.values())))])
@@ -151,6 +216,7 @@ class AnnotationSource:
                           f"{case}.nii"):
             mask = self.path / candidate
             if mask.exists():
+                self.files[case] = mask
                 return OrderedDict([(self.default_name, read_sphere_mask(mask, geometry))])
         return OrderedDict()
 
@@ -169,10 +235,15 @@ def collect_inputs(ct_train_dir: Path, sources: list[AnnotationSource], landmark
             except LandmarkFileError as e:
                 raise DatasetError(str(e)) from e
             for name, position in found.items():
-                item.landmarks.setdefault(name, position)
+                if name not in item.landmarks:
+                    item.landmarks[name] = position
+                    item.annotation_files[name] = source.files.get(item.case, source.path)
         missing = [n for n in landmark_names if n not in item.landmarks]
         if derive_missing_apex and "apex" in missing:
-            apex, _ = derive_apex(label, item.geometry)
+            try:
+                apex, _ = derive_apex(label, item.geometry)
+            except DatasetError as e:
+                raise DatasetError(f"{item.label}: {e}") from e
             item.landmarks["apex"] = apex
             item.derived.append("apex")
             missing.remove("apex")
@@ -180,18 +251,20 @@ def collect_inputs(ct_train_dir: Path, sources: list[AnnotationSource], landmark
             if skip_missing:
                 print(f"skipping {item.case}: no annotation for {missing}", file=sys.stderr)
                 continue
-            raise DatasetError(f"{item.case}: no annotation for landmark(s) {missing} in "
+            raise DatasetError(f"{item.case} ({item.image}): no annotation for landmark(s) {missing} in "
                                f"{[str(s.path) for s in sources]}; pass --derive-apex to derive the apex from the "
                                f"labels or --skip-missing to leave the case out")
         for name in landmark_names:
             p = item.landmarks[name]
             if not item.geometry.contains_world_point(p):
-                raise DatasetError(f"{item.case}: landmark '{name}' at {np.round(p, 1).tolist()} mm lies outside "
-                                   f"the image {item.image}; check the annotation's coordinate system")
+                raise DatasetError(f"{item.annotation_files.get(name, 'derived from the labels')}: landmark "
+                                   f"'{name}' of {item.case} at {np.round(p, 1).tolist()} mm lies outside the image "
+                                   f"{item.image}; check the annotation's coordinate system")
         if "apex" in landmark_names:
             d = distance_to_lv_mm(item.landmarks["apex"], label, item.geometry)
             if d > MAX_APEX_DISTANCE_FROM_LV_MM:
-                raise DatasetError(f"{item.case}: the apex annotation lies {d:.1f} mm from the LV (more than "
+                raise DatasetError(f"{item.annotation_files.get('apex', 'derived from the labels')}: the apex of "
+                                   f"{item.case} lies {d:.1f} mm from the LV in {item.label} (more than "
                                    f"{MAX_APEX_DISTANCE_FROM_LV_MM:.0f} mm); wrong case or coordinate system?")
         item.landmarks = OrderedDict((n, item.landmarks[n]) for n in landmark_names)
         accepted.append(item)
@@ -206,6 +279,15 @@ def nnunet_labels(all_structures: bool) -> tuple["OrderedDict[str, int]", dict[i
     labels = OrderedDict([("background", 0)] + [(n, i + 1) for i, n in enumerate(names)])
     mapping = {MMWHS_VALUES[n]: labels[n] for n in names}
     return labels, mapping
+
+
+def copy_image(source: Path, target: Path) -> None:
+    """Byte for byte; a ``.nii`` is gzipped (same bytes inside) since dataset.json says ``.nii.gz``."""
+    if source.name.endswith(".gz"):
+        shutil.copyfile(source, target)
+    else:
+        with open(source, "rb") as f_in, gzip.open(target, "wb", compresslevel=6) as f_out:
+            shutil.copyfileobj(f_in, f_out, 1 << 20)
 
 
 def write_label(source: Path, target: Path, mapping: dict[int, int]) -> None:
@@ -225,7 +307,9 @@ def convert(ct_train_dir: str, annotations: list[str], dataset_id: int, dataset_
             heatmap_max_distance_mm: float = 100.0, overwrite: bool = False, raw_root: str | None = None,
             preprocessed_root: str | None = None) -> Path:
     """Convert; returns the dataset folder. See the module docstring and ``main`` for the options."""
-    landmark_names = landmark_names or ["apex"]
+    landmark_names = list(landmark_names or ["apex"])
+    if len(set(landmark_names)) != len(landmark_names) or not all(landmark_names):
+        raise DatasetError(f"landmark names must be unique and non-empty, got {landmark_names}")
     raw_root = raw_root or os.environ.get("nnUNet_raw")
     if not raw_root:
         raise DatasetError("nnUNet_raw is not set: export nnUNet_raw=/path/to/nnUNet_raw (see nnU-Net's "
@@ -244,14 +328,21 @@ def convert(ct_train_dir: str, annotations: list[str], dataset_id: int, dataset_
     items = collect_inputs(Path(ct_train_dir), sources, landmark_names, derive_missing_apex, skip_missing)
     labels, mapping = nnunet_labels(all_structures)
     splits = kfold_splits([i.case for i in items], num_folds)
+    splits_target = Path(preprocessed_root) / folder_name / "splits_final.json" if preprocessed_root else None
+    if splits_target is not None and splits_target.exists() and not overwrite:
+        try:
+            same = json.loads(splits_target.read_text()) == splits
+        except (OSError, ValueError):
+            same = False
+        if not same:  # checked now, not after writing every case
+            raise FileExistsError(f"{splits_target} already holds different splits; pass --overwrite to replace them")
     encoding = HeatmapEncoding("log_distance", max_distance_mm=heatmap_max_distance_mm)
 
     with staged_dataset_folder(final, overwrite) as staging:
         for sub in ("imagesTr", "labelsTr"):
             (staging / sub).mkdir()
         for item in tqdm(items, desc=f"Writing {folder_name}"):
-            suffix = ".nii.gz" if item.image.name.endswith(".gz") else ".nii"
-            shutil.copyfile(item.image, staging / "imagesTr" / f"{item.case}_0000{suffix}")
+            copy_image(item.image, staging / "imagesTr" / f"{item.case}_0000.nii.gz")
             write_label(item.label, staging / "labelsTr" / f"{item.case}.nii.gz", mapping)
             write_case_landmarks(staging, item.case, item.landmarks,
                                  {n: "derived from labels" for n in item.derived})
@@ -314,7 +405,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         convert(args.i, args.a, args.d, args.name, args.landmarks, args.all_structures, args.folds,
                 args.derive_apex, args.skip_missing, args.save_heatmaps, overwrite=args.overwrite)
-    except (DatasetError, FileExistsError) as e:
+    except (DatasetError, LandmarkFileError, FileExistsError) as e:
         raise SystemExit(f"nnUNetv2_convert_MMWHS: error: {e}")
 
 

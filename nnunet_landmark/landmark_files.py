@@ -58,11 +58,15 @@ def read_markups(path: str | os.PathLike) -> "OrderedDict[str, np.ndarray]":
     except (OSError, json.JSONDecodeError) as e:
         raise LandmarkFileError(f"{path}: cannot read as Slicer markups JSON ({e})") from e
     markups = doc.get("markups") if isinstance(doc, dict) else None
-    if not markups:
+    if not markups or not isinstance(markups, list) or not all(isinstance(m, dict) for m in markups):
         raise LandmarkFileError(f"{path}: no 'markups' list; is this a 3D Slicer .mrk.json file?")
     out: "OrderedDict[str, np.ndarray]" = OrderedDict()
     for markup in markups:
-        system = markup.get("coordinateSystem")
+        if "coordinateSystem" not in markup:
+            raise LandmarkFileError(
+                f"{path}: the markups declare no 'coordinateSystem'; add \"coordinateSystem\": \"LPS\" (or \"RAS\") "
+                f"so the positions cannot be misread with x and y flipped")
+        system = markup["coordinateSystem"]
         if system not in ("LPS", "RAS"):
             raise LandmarkFileError(
                 f"{path}: unknown coordinate system {system!r}; Slicer markups must declare "
@@ -96,7 +100,7 @@ def write_markups(path: str | os.PathLike, landmarks: Mapping[str, Iterable[floa
             "label": name,
             "description": (descriptions or {}).get(name, ""),
             "associatedNodeID": "",
-            "position": [round(float(v), 6) for v in p],
+            "position": [float(v) for v in p],  # full precision: JSON floats round-trip exactly
             "orientation": [-1.0, -0.0, -0.0, -0.0, -1.0, -0.0, 0.0, 0.0, 1.0],
             "selected": True,
             "locked": False,
@@ -124,7 +128,7 @@ def write_markups(path: str | os.PathLike, landmarks: Mapping[str, Iterable[floa
 def read_landmark_table(path: str | os.PathLike) -> list[dict]:
     """All rows of a landmark CSV as dicts (``x, y, z`` as floats, other extra columns as strings)."""
     try:
-        with open(path, newline="") as f:
+        with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: a byte-order mark (Excel) is not a name
             reader = csv.DictReader(f)
             header = reader.fieldnames or []
             missing = [c for c in CSV_COLUMNS if c not in header]
@@ -176,7 +180,8 @@ def write_landmark_csv(path: str | os.PathLike, table: Mapping[str, Mapping[str,
     for case, landmarks in table.items():
         for name, position in landmarks.items():
             p = _finite_point(path, name, position)
-            rows.append({"case": case, "name": name, "x": p[0], "y": p[1], "z": p[2]})
+            # repr: the shortest text that reads back as exactly the same float
+            rows.append({"case": case, "name": name, **{axis: repr(float(v)) for axis, v in zip("xyz", p)}})
     _atomic_write_text(path, format_landmark_rows(rows))
 
 
@@ -228,7 +233,9 @@ def render_sphere_mask(geometry: ImageGeometry, center_world, radius_mm: float, 
     if np.all(hi > lo):
         grid = np.stack(np.meshgrid(*[np.arange(l, h) for l, h in zip(lo, hi)], indexing="ij"), axis=-1)
         distance = np.linalg.norm(geometry.index_to_world(grid) - np.asarray(center_world, dtype=float), axis=-1)
-        ball = distance <= radius_mm
+        # the tolerance keeps voxels exactly on the sphere on both sides (radius 3 mm on a 1 mm grid): rounding
+        # must not make the ball lopsided and shift its centroid
+        ball = distance <= radius_mm + 1e-6
         # grid is (x, y, z); the array is (z, y, x)
         array[lo[2]:hi[2], lo[1]:hi[1], lo[0]:hi[0]][ball.transpose(2, 1, 0)] = label
     image = sitk.GetImageFromArray(array)
@@ -237,9 +244,13 @@ def render_sphere_mask(geometry: ImageGeometry, center_world, radius_mm: float, 
 
 def write_sphere_mask(path: str | os.PathLike, geometry: ImageGeometry, center_world, radius_mm: float = 3.0) -> None:
     """Write an ITK-SNAP-style sphere mask (label 1) for one landmark on the image grid."""
+    # a centre outside the image would leave a clipped ball whose centroid is not the landmark
+    if geometry.size is not None and not geometry.contains_world_point(center_world):
+        raise ValueError(f"{path}: the landmark at {np.round(center_world, 2).tolist()} lies outside the image")
     image = render_sphere_mask(geometry, center_world, radius_mm)
     if sitk.GetArrayViewFromImage(image).max() == 0:
-        raise ValueError(f"{path}: the landmark at {np.round(center_world, 2).tolist()} lies outside the image")
+        raise ValueError(f"{path}: the sphere of radius {radius_mm} mm around {np.round(center_world, 2).tolist()} "
+                         f"holds no voxel centre")
     sitk.WriteImage(image, str(path), useCompression=True)
 
 

@@ -129,7 +129,8 @@ def sample_anatomy(rng: np.random.Generator, center: np.ndarray, pose_degrees: f
     rotation = _random_rotation(rng, pose_degrees)
     u = rotation @ _unit([0.6, -0.5, -0.62])
     v = rotation @ _orthogonal_part([-0.5, -1.0, 0.1], _unit([0.6, -0.5, -0.62]))
-    lv_length = rng.uniform(68, 92) * scale
+    # mitral valve -> apex: 70-100 mm in real CT (shared/data README); the size scale alone would reach 58-106
+    lv_length = float(np.clip(rng.uniform(68, 92) * scale, 65.0, 105.0))
     anatomy = HeartAnatomy(
         mitral_valve=np.zeros(3), u=u, v=v, lv_length=lv_length, lv_radius=rng.uniform(20, 26) * scale,
         wall=rng.uniform(8, 12), la_radius=rng.uniform(17, 22) * scale, aorta_radius=rng.uniform(10, 13) * scale,
@@ -256,7 +257,7 @@ def sample_geometry(rng: np.random.Generator, size: str | tuple[int, int, int] =
         shape, fov_range = tuple(int(s) for s in size), (200.0, 240.0)
     fov = rng.uniform(*fov_range)
     spacing_xy = fov / shape[0]
-    spacing_z = spacing_xy * rng.uniform(1.0, 1.6)
+    spacing_z = spacing_xy * rng.uniform(1.15, 1.6)  # always anisotropic (MM-WHS CT: z/xy ~ 1.28)
     if shape[2] is None:  # realistic preset: 120-180 mm in z
         shape = (shape[0], shape[1], int(round(rng.uniform(120, 180) / spacing_z)))
     direction = np.eye(3)
@@ -274,7 +275,7 @@ def sample_geometry(rng: np.random.Generator, size: str | tuple[int, int, int] =
 
 
 def _sample_intensities(rng: np.random.Generator) -> dict:
-    blood = rng.uniform(300, 520)
+    blood = rng.uniform(330, 500)  # times the per-chamber scale 0.93-1.07: medians 307-535 HU, as in contrast CT
     hu = {"blood": blood, "myocardium": rng.uniform(70, 150), "fat": rng.uniform(-120, -70),
           "soft_tissue": rng.uniform(20, 60), "lung": rng.uniform(-900, -780), "bone": rng.uniform(250, 450),
           "cortical_bone": rng.uniform(650, 950), "noise_sd": rng.uniform(12, 35), "blur_mm": rng.uniform(0.5, 1.1),
