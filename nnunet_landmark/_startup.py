@@ -2,12 +2,17 @@
 
 nnU-Net looks up ``-tr NAME`` inside its own package, then in every folder listed in the
 ``nnUNet_extTrainer`` environment variable. This module is imported at interpreter start by
-``nnunet_landmark.pth`` and appends our small re-export folder to that variable, keeping any folders
+``nnunet_landmark.pth`` (installed as the top-level module ``_nnunet_landmark_startup``) and
+appends our small re-export folder to that variable, keeping any folders
 the user listed there (their own trainers keep working). It imports nothing heavy.
 """
 import os
 
-TRAINER_LOOKUP_FOLDER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "trainer_lookup")
+# installed, this file is site-packages/_nnunet_landmark_startup.py (imported by nnunet_landmark.pth without
+# importing the package); in a source tree it is nnunet_landmark/_startup.py
+_HERE = os.path.dirname(os.path.abspath(__file__))
+TRAINER_LOOKUP_FOLDER = os.path.join(_HERE, "trainer_lookup") if os.path.basename(_HERE) == "nnunet_landmark" \
+    else os.path.join(_HERE, "nnunet_landmark", "trainer_lookup")
 
 
 def register_trainer_folder(environ=os.environ) -> None:
