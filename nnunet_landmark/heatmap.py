@@ -141,9 +141,70 @@ def _refine_multilateration(values: np.ndarray, origin: np.ndarray, start: np.nd
     return p / spacing
 
 
-def _refine_parabola(heatmap: np.ndarray, voxel: tuple[int, ...]) -> np.ndarray:
-    """Per-axis vertex of the parabola through log values at voxel-1, voxel, voxel+1 (exact for a Gaussian)."""
+def _block_reduce(array: np.ndarray, factor: int, reduce) -> np.ndarray:
+    """``reduce`` ("min"/"max") over non-overlapping factor^3 blocks; the edge remainder forms smaller blocks."""
+    if factor == 1:
+        return array
+    padded_shape = [int(np.ceil(s / factor)) * factor for s in array.shape]
+    fill = np.inf if reduce == "min" else -np.inf
+    padded = np.full(padded_shape, fill, dtype=np.float32)
+    padded[tuple(slice(0, s) for s in array.shape)] = array
+    view = padded.reshape([v for s in padded_shape for v in (s // factor, factor)])
+    axes = tuple(range(1, view.ndim, 2))
+    return view.min(axis=axes) if reduce == "min" else view.max(axis=axes)
+
+
+def _candidate_voxels(search: np.ndarray, kind: str, count: int) -> list[tuple[int, ...]]:
+    """The ``count`` most extreme local extrema, each as the extreme voxel of its block (~1M blocks at most)."""
+    from scipy import ndimage
+
+    factor = max(1, int(np.ceil((search.size / 1e6) ** (1 / search.ndim))))
+    reduce = "min" if kind == "log_distance" else "max"
+    pooled = _block_reduce(np.asarray(search, dtype=np.float32), factor, reduce)
+    filtered = (ndimage.minimum_filter if reduce == "min" else ndimage.maximum_filter)(pooled, size=3, mode="nearest")
+    peaks = np.argwhere((pooled == filtered) & np.isfinite(pooled))
+    order = np.argsort(pooled[tuple(peaks.T)])
+    if reduce == "max":
+        order = order[::-1]
+    candidates = []
+    for block in peaks[order[:count]]:
+        lo = block * factor
+        window = tuple(slice(l, min(s, l + factor)) for l, s in zip(lo, search.shape))
+        local = search[window]
+        inner = np.argmin(local) if reduce == "min" else np.argmax(local)
+        candidates.append(tuple(int(v) for v in np.unravel_index(inner, local.shape) + lo))
+    return candidates
+
+
+def _distance_consistency(search: np.ndarray, candidates: list, spacing: np.ndarray, encoding: HeatmapEncoding,
+                          already_sigmoid: bool, samples: int = 40_000) -> np.ndarray:
+    """How badly each candidate explains the whole heatmap as a distance map (weighted mean |residual|, mm)."""
+    stride = max(1, int(np.ceil((search.size / samples) ** (1 / search.ndim))))
+    sub = np.asarray(search[tuple(slice(None, None, stride) for _ in search.shape)], dtype=np.float64)
+    grid = np.stack(np.meshgrid(*[np.arange(0, n, stride) for n in search.shape], indexing="ij"), -1)
+    keep = np.isfinite(sub)
+    values = sub[keep]
+    if not already_sigmoid:
+        values = 1.0 / (1.0 + np.exp(-values))
+    distances = encoding.decode_distance(values)
+    points = grid[keep] * spacing
+    weights = 1.0 / (1.0 + distances / 10.0)
+    costs = []
+    for c in candidates:
+        residual = np.abs(np.linalg.norm(points - np.asarray(c) * spacing, axis=1) - distances)
+        costs.append(float(np.sum(weights * residual) / np.sum(weights)))
+    return np.asarray(costs)
+
+
+def _refine_parabola(heatmap: np.ndarray, voxel: tuple[int, ...], take_log: bool = True,
+                     maximum: bool = True) -> np.ndarray:
+    """Per-axis vertex of the parabola through the values at voxel-1, voxel, voxel+1.
+
+    On log values of a maximum it is exact for a Gaussian; on plain values of a minimum it refines a
+    distance map whose tip the network has rounded off (where multilateration has nothing to fit).
+    """
     position = np.asarray(voxel, dtype=np.float64)
+    sign = 1.0 if maximum else -1.0
     for axis, v in enumerate(voxel):
         if v == 0 or v == heatmap.shape[axis] - 1:
             continue
@@ -151,7 +212,8 @@ def _refine_parabola(heatmap: np.ndarray, voxel: tuple[int, ...]) -> np.ndarray:
         samples = []
         for offset in (-1, 0, 1):
             idx[axis] = v + offset
-            samples.append(math.log(max(float(heatmap[tuple(idx)]), 1e-12)))
+            value = float(heatmap[tuple(idx)])
+            samples.append(sign * (math.log(max(value, 1e-12)) if take_log else value))
         denominator = samples[0] - 2 * samples[1] + samples[2]
         if denominator < -1e-12:
             position[axis] += float(np.clip(0.5 * (samples[0] - samples[2]) / denominator, -0.5, 0.5))
@@ -160,18 +222,39 @@ def _refine_parabola(heatmap: np.ndarray, voxel: tuple[int, ...]) -> np.ndarray:
 
 def decode_heatmap(heatmap: np.ndarray, encoding: HeatmapEncoding, spacing: Sequence[float] | None = None,
                    refine: bool = True, name: str = "landmark", already_sigmoid: bool = True,
-                   flat_threshold: float = 0.05) -> DecodedLandmark:
+                   flat_threshold: float = 0.05, valid: np.ndarray | None = None, method: str = "extremum",
+                   candidates_to_check: int = 8) -> DecodedLandmark:
     """Landmark position (voxel index, sub-voxel when ``refine``) from one heatmap.
+
+    ``method``: ``"extremum"`` takes the global argmin (log_distance) / argmax (gaussian), as the paper;
+    ``"consistent"`` (log_distance only) takes, among the deepest local minima, the one whose distance map
+    best explains the whole heatmap, which guards against a spurious dip far from the landmark.
 
     ``heatmap`` holds values in [0, 1], or logits with ``already_sigmoid=False`` (the extremum is found on
     the logits, which is monotone in the value, and only the neighbourhood is passed through the sigmoid).
+    ``valid`` (boolean, broadcastable to the heatmap) excludes voxels whose values cannot be trusted.
     A flat heatmap still yields a landmark (the extreme voxel), with confidence 0 and a warning.
     """
     heatmap = np.asarray(heatmap)
     spacing = np.ones(heatmap.ndim) if spacing is None else np.asarray(spacing, dtype=np.float64)
-    voxel = _extreme_voxel(heatmap, encoding.kind)
+    search = heatmap
+    if valid is not None:
+        worst = np.inf if encoding.kind == "log_distance" else -np.inf
+        search = np.where(valid, heatmap, np.asarray(worst, dtype=heatmap.dtype if heatmap.dtype.kind == "f" else float))
+    voxel = _extreme_voxel(search, encoding.kind)
+    if method == "consistent" and encoding.kind == "log_distance":
+        # the deepest dip is not always the right one: among the deepest local minima, take the one the whole
+        # distance map agrees with best
+        candidates = _candidate_voxels(search, encoding.kind, candidates_to_check)
+        if voxel not in candidates:
+            candidates.append(voxel)
+        costs = _distance_consistency(search, candidates, spacing, encoding, already_sigmoid)
+        voxel = candidates[int(np.argmin(costs))]
+    elif method not in ("extremum", "consistent"):
+        raise ValueError(f"unknown decoding method {method!r}; use 'extremum' or 'consistent'")
     extreme = float(heatmap[voxel])
-    far = float(heatmap.max() if encoding.kind == "log_distance" else heatmap.min())
+    far = float(np.max(search, initial=-np.inf, where=np.isfinite(search)) if encoding.kind == "log_distance"
+                else np.min(search, initial=np.inf, where=np.isfinite(search)))
     if not already_sigmoid:
         extreme, far = (1.0 / (1.0 + math.exp(-x)) for x in (extreme, far))
     contrast = abs(far - extreme)
@@ -194,9 +277,10 @@ def decode_heatmap(heatmap: np.ndarray, encoding: HeatmapEncoding, spacing: Sequ
         if encoding.kind == "log_distance":
             position = _refine_multilateration(local, lo.astype(np.float64), np.asarray(voxel, dtype=np.float64),
                                                spacing, encoding)
-            # a fit that wanders off means the local field is not distance-like: keep the voxel
+            # a fit that wanders off means the network rounded the tip of the distance map off: fall back to
+            # the vertex of a parabola through the values around the minimum
             if np.any(np.abs(position - np.asarray(voxel)) > 1.0):
-                position = np.asarray(voxel, dtype=np.float64)
+                position = _refine_parabola(local, local_voxel, take_log=False, maximum=False) + lo
         else:
             position = _refine_parabola(local, local_voxel) + lo
     return DecodedLandmark(position, voxel, extreme, float(np.clip(confidence, 0.0, 1.0)))

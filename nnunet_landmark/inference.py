@@ -44,18 +44,55 @@ HEATMAP_FOLDER = "heatmaps"
 export_segmentation_from_logits = nnunet_export.export_prediction_from_logits
 
 
+def reliable_sliding_window_region(shape, patch_size, step_size: float = 0.5,
+                                   minimum_weight: float = 1e-2) -> np.ndarray:
+    """Voxels whose sliding-window average nnU-Net computes reliably (broadcastable boolean array).
+
+    nnU-Net 2.8.1 accumulates Gaussian-weighted logits in float16 (peak weight 10). Near the edges and
+    corners of a volume only the far tails of the outermost windows contribute; there both the weighted
+    logits and the weight sum are float16 subnormals and their ratio is quantised noise. Harmless for a
+    segmentation argmax, fatal for a heatmap argmin. The windows form a Cartesian grid and the Gaussian
+    is separable, so the weight sum is a product of per-axis sums; we keep voxels where it reaches
+    ``minimum_weight``. Landmarks inside the anatomy are far from those corners.
+    """
+    from nnunetv2.inference.sliding_window_prediction import compute_steps_for_sliding_window
+
+    shape = [int(s) for s in shape]
+    patch = [int(p) for p in patch_size]
+    padded = [max(s, p) for s, p in zip(shape, patch)]
+    steps = compute_steps_for_sliding_window(padded, patch, step_size)
+    per_axis = []
+    for axis, (n, p) in enumerate(zip(shape, patch)):
+        offset = (padded[axis] - n) // 2  # nnU-Net pads small images symmetrically
+        x = np.arange(n, dtype=np.float64) + offset
+        sigma = p / 8.0
+        weight = np.zeros(n)
+        for start in steps[axis]:
+            d = x - (start + p // 2)
+            inside = (x >= start) & (x < start + p) & (np.abs(d) <= 4 * sigma)  # gaussian_filter truncates at 4 sd
+            weight += np.where(inside, np.exp(-d * d / (2 * sigma * sigma)), 0.0)
+        view = [1] * len(shape)
+        view[axis] = n
+        per_axis.append(weight.reshape(view))
+    total = 10.0 * per_axis[0]
+    for w in per_axis[1:]:
+        total = total * w
+    return total >= minimum_weight
+
+
 def decode_landmarks(heatmap_logits: Union[np.ndarray, torch.Tensor], properties: dict, plans_manager: PlansManager,
                      configuration_manager: ConfigurationManager, heads: LandmarkHeads, case: str = "case",
                      refine: bool = True) -> "OrderedDict[str, dict]":
     """{name: {"world": LPS mm, "index": ITK continuous index, "confidence": float}} from (K, ...) logits
-    in preprocessed space."""
+    in preprocessed space (as the sliding window returns them)."""
     if isinstance(heatmap_logits, torch.Tensor):
         heatmap_logits = heatmap_logits.detach().cpu().numpy()
     geometry = CaseGeometry.from_nnunet(properties, plans_manager.transpose_forward, configuration_manager.spacing)
+    valid = reliable_sliding_window_region(heatmap_logits.shape[1:], configuration_manager.patch_size)
     out: "OrderedDict[str, dict]" = OrderedDict()
     for name, logits in zip(heads.names, heatmap_logits):
         decoded = decode_heatmap(logits, heads.encoding, geometry.preprocessed_spacing, refine=refine,
-                                 name=f"{case}/{name}", already_sigmoid=False)
+                                 name=f"{case}/{name}", already_sigmoid=False, valid=valid)
         out[name] = {"world": geometry.preprocessed_to_world(decoded.position),
                      "index": geometry.preprocessed_to_image_index(decoded.position),
                      "confidence": decoded.confidence}
