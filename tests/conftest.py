@@ -53,3 +53,44 @@ def run_cli(command: list[str], env: dict[str, str] | None = None, timeout: floa
         raise AssertionError(f"{' '.join(command)} failed with exit code {result.returncode}\n"
                              f"--- stdout ---\n{result.stdout[-6000:]}\n--- stderr ---\n{result.stderr[-6000:]}")
     return result
+
+
+# ---------------------------------------------------------------------------------------------- session datasets
+PLANS = "nnUNetResEncUNetMPlans"
+CONFIG = "3d_cpu"
+
+
+def prepare_dataset(root: Path, dataset_id: int, name: str, landmarks: list[str], num_cases: int, size, flips: bool,
+                    folds: int, seed: int) -> dict:
+    """Phantoms in the MM-WHS layout -> nnUNetv2_convert_MMWHS -> nnUNetv2_plan_and_preprocess (ResEnc-M planner),
+    plus a small CPU configuration ``3d_cpu`` (32^3 patch, 8-64 features, batch 2) added to the plans."""
+    from nnunet_landmark.cpu_plans import add_small_configuration
+    from nnunet_landmark.phantoms import write_mmwhs_phantoms
+
+    env = nnunet_environment(root)
+    env["nnUNet_def_n_proc"] = "2"
+    write_mmwhs_phantoms(root / "mmwhs", num_cases=num_cases, seed=seed, size=size, flips=flips, progress=False)
+    run_cli(["nnUNetv2_convert_MMWHS", "-i", str(root / "mmwhs" / "ct_train"), "-a", str(root / "mmwhs" / "landmarks.csv"),
+             "-d", str(dataset_id), "--name", name, "--landmarks", *landmarks, "--folds", str(folds)], env)
+    run_cli(["nnUNetv2_plan_and_preprocess", "-d", str(dataset_id), "-pl", "nnUNetPlannerResEncM", "-c", "3d_fullres",
+             "-np", "2"], env)
+    dataset = f"Dataset{dataset_id:03d}_{name}"
+    add_small_configuration(Path(env["nnUNet_preprocessed"]) / dataset / f"{PLANS}.json", name=CONFIG,
+                            patch_size=(32, 32, 32), features_per_stage=(8, 16, 32, 64), batch_size=2)
+    return {"root": root, "env": env, "dataset": dataset, "dataset_id": dataset_id, "landmarks": landmarks}
+
+
+@pytest.fixture(scope="session")
+def smoke_dataset(tmp_path_factory):
+    """10 tiny phantoms with random axis flips and oblique axes, two landmarks (apex, mitral valve), 5 folds: for
+    proving that training and prediction run, with several landmarks, on awkward image geometry."""
+    return prepare_dataset(tmp_path_factory.mktemp("smoke_dataset"), 811, "SmokePhantoms", ["apex", "mitral_valve"],
+                           10, "tiny", True, 5, 3)
+
+
+@pytest.fixture(scope="session")
+def learning_dataset(tmp_path_factory):
+    """20 phantoms of 64 x 64 x 48 voxels (~3.4 mm), axes oriented alike as in a real release, the apex, 10 folds:
+    for proving that the landmark model learns."""
+    return prepare_dataset(tmp_path_factory.mktemp("learning_dataset"), 812, "LearningPhantoms", ["apex"],
+                           20, (64, 64, 48), False, 10, 4)

@@ -1,0 +1,393 @@
+"""The stock nnU-Net commands with the plugin installed: train, resume, validate, pretrain, predict.
+
+The session's ``smoke_dataset`` (conftest.py: 10 tiny phantoms with flipped and oblique axes, landmarks apex
+and mitral valve, 5 folds) is converted, planned and preprocessed once with the real commands. Models use the ``nnUNetTrainer*_cpu_smoke``
+budget (2 epochs of 5 iterations): these tests prove the machinery, not the learning (see
+test_learning.py for that).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from conftest import CONFIG, PLANS, run_cli, shared_data
+from nnunet_landmark.geometry import ImageGeometry
+from nnunet_landmark.landmark_files import read_landmark_table, read_markups
+
+pytestmark = pytest.mark.slow
+
+DATASET_ID = 811
+DATASET = "Dataset811_SmokePhantoms"
+LANDMARKS = ["apex", "mitral_valve"]
+LANDMARK_TRAINER = "nnUNetTrainerLandmark_cpu_smoke"
+PLAIN_TRAINER = "nnUNetTrainer_cpu_smoke"
+
+
+def results_folder(env, trainer: str) -> Path:
+    return Path(env["nnUNet_results"]) / DATASET / f"{trainer}__{PLANS}__{CONFIG}"
+
+
+def train(env, trainer: str, fold: int = 0, *extra: str):
+    return run_cli(["nnUNetv2_train", str(DATASET_ID), CONFIG, str(fold), "-tr", trainer, "-p", PLANS, "-device", "cpu",
+                    *extra], env)
+
+
+@pytest.fixture(scope="session")
+def landmark_model(smoke_dataset):
+    env = smoke_dataset["env"]
+    result = train(env, LANDMARK_TRAINER, 0)
+    return {**smoke_dataset, "folder": results_folder(env, LANDMARK_TRAINER), "log": result.stdout}
+
+
+@pytest.fixture(scope="session")
+def plain_model(smoke_dataset):
+    env = smoke_dataset["env"]
+    train(env, PLAIN_TRAINER, 0)
+    return {**smoke_dataset, "folder": results_folder(env, PLAIN_TRAINER)}
+
+
+def reference_landmarks(env, case: str) -> dict:
+    return read_markups(Path(env["nnUNet_raw"]) / DATASET / "landmarksTr" / f"{case}.mrk.json")
+
+
+def test_nnunetv2_train_runs_the_landmark_trainer(landmark_model):
+    folder, env = landmark_model["folder"], landmark_model["env"]
+    fold = folder / "fold_0"
+    assert (fold / "checkpoint_final.pth").is_file() and (fold / "progress.png").is_file()
+    plans = json.loads((folder / "plans.json").read_text())
+    assert plans["nnunet_landmark"]["landmarks"] == LANDMARKS
+    assert plans["nnunet_landmark"]["heatmap_encoding"]["kind"] == "log_distance"
+    checkpoint = torch.load(fold / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    assert checkpoint["trainer_name"] == LANDMARK_TRAINER
+    assert checkpoint["current_epoch"] == 2
+    weights = checkpoint["network_weights"]
+    last = [k for k in weights if ".seg_layers." in k and k.endswith("weight")]
+    assert all(weights[k].shape[0] == 2 + len(LANDMARKS) for k in last)  # C + K output channels
+    logging = checkpoint["logging"]
+    assert len(logging["train_heatmap_losses"]) == 2 and len(logging["val_landmark_errors_mm"]) == 2
+    log = next(fold.glob("training_log_*.txt")).read_text()
+    assert "landmark error in validation patches (mm)" in log and "heatmap_loss (tr/val)" in log
+    # final validation: nnU-Net's summary plus our landmarks beside it
+    validation = fold / "validation"
+    splits = json.loads((Path(env["nnUNet_preprocessed"]) / DATASET / "splits_final.json").read_text())
+    # the converter's folds, installed where nnU-Net reads them
+    assert splits == json.loads((Path(env["nnUNet_raw"]) / DATASET / "splits_final.json").read_text())
+    assert len(splits) == 5 and len(splits[0]["val"]) == 2
+    val_cases = sorted(splits[0]["val"])
+    assert (validation / "summary.json").is_file()
+    summary = json.loads((validation / "landmark_summary.json").read_text())
+    assert sorted(summary["per_case"]) == val_cases
+    table = read_landmark_table(validation / "landmarks.csv")
+    assert sorted({(r["case"], r["name"]) for r in table}) == sorted((c, n) for c in val_cases for n in LANDMARKS)
+    for case in val_cases:
+        predicted = read_markups(validation / f"{case}.mrk.json")
+        assert list(predicted) == LANDMARKS
+        reference = reference_landmarks(env, case)
+        for name in LANDMARKS:
+            error = float(np.linalg.norm(predicted[name] - reference[name]))
+            assert summary["per_case"][case][name] == pytest.approx(error, abs=1e-6)
+    stats = summary["per_landmark"]["apex"]
+    errors = [summary["per_case"][c]["apex"] for c in val_cases]
+    assert stats["mean"] == pytest.approx(np.mean(errors)) and stats["max"] == pytest.approx(max(errors))
+    assert not list(validation.glob("*_0000.nii.gz"))
+
+
+def test_resume_with_c_continues_the_run(landmark_model):
+    """--c after an interrupted run: the checkpoint's epoch is kept and the log goes on."""
+    env = landmark_model["env"]
+    fold = landmark_model["folder"] / "fold_2"
+    if fold.exists():
+        shutil.rmtree(fold)
+    # an interrupted run: train one epoch in-process, keep only checkpoint_latest
+    from nnunetv2.run.run_training import get_trainer_from_args
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        trainer = get_trainer_from_args(str(DATASET_ID), CONFIG, 2, LANDMARK_TRAINER, PLANS, device=torch.device("cpu"))
+        trainer.num_epochs = 1
+        trainer.run_training()
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    os.replace(fold / "checkpoint_final.pth", fold / "checkpoint_latest.pth")
+    result = train(env, LANDMARK_TRAINER, 2, "--c")
+    assert "Epoch 1" in result.stdout and "Epoch 0\n" not in result.stdout
+    checkpoint = torch.load(fold / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    assert checkpoint["current_epoch"] == 2
+    assert len(checkpoint["logging"]["val_landmark_errors_mm"]) == 2
+    assert (fold / "validation" / "landmark_summary.json").is_file()
+
+
+def test_val_reruns_the_final_validation(landmark_model):
+    env, fold = landmark_model["env"], landmark_model["folder"] / "fold_0"
+    before = (fold / "checkpoint_final.pth").stat().st_mtime
+    shutil.rmtree(fold / "validation")
+    train(env, LANDMARK_TRAINER, 0, "--val")
+    assert (fold / "validation" / "landmark_summary.json").is_file()
+    assert (fold / "checkpoint_final.pth").stat().st_mtime == before
+
+
+def test_plain_trainer_is_unchanged_and_its_weights_pretrain_a_landmark_model(plain_model):
+    env, folder = plain_model["env"], plain_model["folder"]
+    plans = json.loads((folder / "plans.json").read_text())
+    assert "nnunet_landmark" not in plans
+    weights = torch.load(folder / "fold_0" / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    seg_layers = [v for k, v in weights["network_weights"].items() if ".seg_layers." in k and k.endswith("weight")]
+    assert all(w.shape[0] == 2 for w in seg_layers)
+    validation = folder / "fold_0" / "validation"
+    assert (validation / "summary.json").is_file()
+    assert not list(validation.glob("*.mrk.json")) and not (validation / "landmarks.csv").exists()
+    # -pretrained_weights from the plain checkpoint (same plans): everything but the output layers transfers
+    result = train(env, LANDMARK_TRAINER, 1, "-pretrained_weights", str(folder / "fold_0" / "checkpoint_final.pth"))
+    assert "Loading pretrained weights" in result.stdout
+    assert (results_folder(env, LANDMARK_TRAINER) / "fold_1" / "checkpoint_final.pth").is_file()
+
+
+def test_trainer_refuses_bad_setups_at_initialisation(smoke_dataset, tmp_path, monkeypatch):
+    from nnunetv2.run.run_training import get_trainer_from_args
+
+    from nnunet_landmark.training.trainers import nnUNetTrainerLandmark
+
+    env = smoke_dataset["env"]
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    pre = Path(env["nnUNet_preprocessed"]) / DATASET
+    plans = json.loads((pre / f"{PLANS}.json").read_text())
+    dataset_json = json.loads((pre / "dataset.json").read_text())
+    no_landmarks = {k: v for k, v in dataset_json.items() if k != "landmarks"}
+    with pytest.raises(RuntimeError, match="no \"landmarks\" list"):
+        nnUNetTrainerLandmark({**plans, "continue_training": False}, CONFIG, 0, no_landmarks, torch.device("cpu"))
+    cascade = json.loads(json.dumps(plans))
+    cascade["configurations"]["3d_cascade_fullres"] = {"inherits_from": "3d_fullres", "previous_stage": "3d_lowres"}
+    with pytest.raises(RuntimeError, match="cascade"):
+        nnUNetTrainerLandmark({**cascade, "continue_training": False}, "3d_cascade_fullres", 0, dataset_json,
+                              torch.device("cpu"))
+    # a training case without its landmark file: one clear error naming it, at initialize()
+    raw = tmp_path / "raw"
+    shutil.copytree(Path(env["nnUNet_raw"]), raw)
+    missing = sorted((raw / DATASET / "landmarksTr").glob("*.mrk.json"))[3]
+    missing.unlink()
+    monkeypatch.setenv("nnUNet_raw", str(raw))
+    monkeypatch.setenv("nnUNet_results", str(tmp_path / "results"))
+    trainer = get_trainer_from_args(str(DATASET_ID), CONFIG, 0, "nnUNetTrainerLandmark", PLANS,
+                                    device=torch.device("cpu"))
+    with pytest.raises(RuntimeError, match=missing.name.replace(".", r"\.")):
+        trainer.initialize()
+
+
+# ---------------------------------------------------------------------------------------------- prediction
+@pytest.fixture(scope="session")
+def prediction_inputs(landmark_model):
+    """Three raw images (one per fold-0 validation case and one training case) as an nnU-Net input folder."""
+    env, root = landmark_model["env"], landmark_model["root"]
+    folder = root / "predict_in"
+    folder.mkdir(exist_ok=True)
+    images = sorted((Path(env["nnUNet_raw"]) / DATASET / "imagesTr").glob("*_0000.nii.gz"))[:3]
+    for image in images:
+        shutil.copyfile(image, folder / image.name)
+    return folder, [i.name[:-len("_0000.nii.gz")] for i in images]
+
+
+@pytest.fixture(scope="session")
+def single_input(prediction_inputs):
+    """The first of the prediction inputs alone (for the slower prediction variants)."""
+    inputs, cases = prediction_inputs
+    folder = inputs.parent / "predict_in_single"
+    folder.mkdir(exist_ok=True)
+    if not (folder / f"{cases[0]}_0000.nii.gz").exists():
+        shutil.copyfile(inputs / f"{cases[0]}_0000.nii.gz", folder / f"{cases[0]}_0000.nii.gz")
+    return folder, cases[:1]
+
+
+def predict(env, inputs: Path, output: Path, trainer: str = LANDMARK_TRAINER, folds=("0",), *extra: str):
+    return run_cli(["nnUNetv2_predict", "-i", str(inputs), "-o", str(output), "-d", str(DATASET_ID), "-c", CONFIG,
+                    "-f", *folds, "-tr", trainer, "-p", PLANS, "-device", "cpu", *extra], env)
+
+
+def in_process_logits(env, model_folder: Path, folds, image: Path, use_mirroring: bool):
+    """The logits nnU-Net's predictor makes for one image, and the preprocessed properties."""
+    from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
+    from nnunetv2.inference.data_iterators import PreprocessAdapterFromNpy
+
+    from nnunet_landmark.inference import nnUNetLandmarkPredictor
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        predictor = nnUNetLandmarkPredictor(use_mirroring=use_mirroring, device=torch.device("cpu"), allow_tqdm=False)
+        predictor.initialize_from_trained_model_folder(str(model_folder), folds, "checkpoint_final.pth")
+        data, properties = SimpleITKIO().read_images([str(image)])
+        item = next(PreprocessAdapterFromNpy([data], [None], [properties], [None], predictor.plans_manager,
+                                             predictor.dataset_json, predictor.configuration_manager, 1))
+        # as nnUNetv2_predict hands them to the export: float16 numpy (float32 would flip ties in the argmax)
+        logits = predictor.predict_logits_from_preprocessed_data(item["data"]).cpu().numpy()
+        return predictor, logits, item["data_properties"], data, properties
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def test_predict_writes_segmentation_and_landmarks(landmark_model, prediction_inputs, tmp_path):
+    from nnunetv2.inference.export_prediction import convert_predicted_logits_to_segmentation_with_correct_shape
+
+    from nnunet_landmark.inference import decode_landmarks
+
+    env, (inputs, cases) = landmark_model["env"], prediction_inputs
+    out = tmp_path / "pred"
+    predict(env, inputs, out, LANDMARK_TRAINER, ("0",), "--disable_tta", "-npp", "0", "-nps", "0")
+    table = read_landmark_table(out / "landmarks.csv")
+    assert [(r["case"], r["name"]) for r in table] == [(c, n) for c in cases for n in LANDMARKS]
+    with open(out / "landmarks.csv") as f:
+        assert f.readline().strip() == "case,name,x,y,z,i,j,k,confidence"
+    for case in cases:
+        image = inputs / f"{case}_0000.nii.gz"
+        seg = sitk.ReadImage(str(out / f"{case}.nii.gz"))
+        assert ImageGeometry.from_image(seg).same_grid_as(ImageGeometry.from_file(image))
+        markups = read_markups(out / f"{case}.mrk.json")
+        # the same numbers in the markups and the table; the voxel index is the world point on the image grid
+        geometry = ImageGeometry.from_file(image)
+        for row in (r for r in table if r["case"] == case):
+            np.testing.assert_allclose([row["x"], row["y"], row["z"]], markups[row["name"]], atol=1e-3)
+            np.testing.assert_allclose(geometry.index_to_world([float(row[k]) for k in "ijk"]), markups[row["name"]],
+                                       atol=1e-3)
+            assert 0.0 <= float(row["confidence"]) <= 1.0
+        # the segmentation is exactly nnU-Net's export of the C segmentation channels
+        predictor, logits, pre_properties, _, _ = in_process_logits(env, landmark_model["folder"], (0,), image, False)
+        expected = convert_predicted_logits_to_segmentation_with_correct_shape(
+            logits[:2], predictor.plans_manager, predictor.configuration_manager,
+            predictor.plans_manager.get_label_manager(predictor.dataset_json), pre_properties)
+        np.testing.assert_array_equal(sitk.GetArrayFromImage(seg), expected)
+        decoded = decode_landmarks(logits[2:], pre_properties, predictor.plans_manager,
+                                   predictor.configuration_manager, predictor.landmark_heads)
+        for name in LANDMARKS:
+            np.testing.assert_allclose(markups[name], decoded[name]["world"], atol=1e-3)
+
+
+def test_predict_with_tta_two_folds_probabilities_and_continue(landmark_model, prediction_inputs, tmp_path):
+    from nnunet_landmark.inference import decode_landmarks
+
+    env, (inputs, cases) = landmark_model["env"], prediction_inputs
+    single = tmp_path / "single"
+    single.mkdir()
+    shutil.copyfile(inputs / f"{cases[0]}_0000.nii.gz", single / f"{cases[0]}_0000.nii.gz")
+    if not (landmark_model["folder"] / "fold_1" / "checkpoint_final.pth").exists():
+        train(env, LANDMARK_TRAINER, 1)
+    out = tmp_path / "pred_tta"
+    predict(env, single, out, LANDMARK_TRAINER, ("0", "1"), "--save_probabilities", "-npp", "1", "-nps", "1")
+    case = cases[0]
+    image = inputs / f"{case}_0000.nii.gz"
+    # folds averaged like segmentation logits (with mirroring): the landmarks decode the averaged heatmaps
+    predictor, logits, pre_properties, _, _ = in_process_logits(env, landmark_model["folder"], (0, 1), image, True)
+    decoded = decode_landmarks(logits[2:], pre_properties, predictor.plans_manager, predictor.configuration_manager,
+                               predictor.landmark_heads)
+    markups = read_markups(out / f"{case}.mrk.json")
+    for name in LANDMARKS:
+        np.testing.assert_allclose(markups[name], decoded[name]["world"], atol=1e-2)
+    # probabilities: nnU-Net's npz holds the C segmentation channels; heatmaps are NIfTIs on the image grid
+    assert np.load(out / f"{case}.npz")["probabilities"].shape[0] == 2
+    for name in LANDMARKS:
+        heatmap = sitk.ReadImage(str(out / "heatmaps" / f"{case}_{name}.nii.gz"))
+        assert ImageGeometry.from_image(heatmap).same_grid_as(ImageGeometry.from_file(image))
+        values = sitk.GetArrayFromImage(heatmap)
+        assert values.min() >= 0 and values.max() <= 1
+    # --continue_prediction on the full input folder leaves the finished case alone and completes the table
+    stamps = {p.name: p.stat().st_mtime for p in out.iterdir() if p.is_file()}
+    predict(env, inputs, out, LANDMARK_TRAINER, ("0", "1"), "--save_probabilities", "--continue_prediction",
+            "--disable_tta")
+    assert (out / f"{case}.mrk.json").stat().st_mtime == stamps[f"{case}.mrk.json"]
+    assert all((out / f"{c}.nii.gz").exists() and (out / f"{c}.mrk.json").exists() for c in cases)
+    table = read_landmark_table(out / "landmarks.csv")
+    assert sorted((r["case"], r["name"]) for r in table) == sorted((c, n) for c in cases for n in LANDMARKS)
+
+
+def test_predict_from_modelfolder(landmark_model, prediction_inputs, tmp_path):
+    env, (inputs, cases) = landmark_model["env"], prediction_inputs
+    out = tmp_path / "pred_mf"
+    run_cli(["nnUNetv2_predict_from_modelfolder", "-i", str(inputs), "-o", str(out), "-m",
+             str(landmark_model["folder"]), "-f", "0", "-device", "cpu", "--disable_tta"], env)
+    assert all((out / f"{c}.mrk.json").is_file() and (out / f"{c}.nii.gz").is_file() for c in cases)
+    assert len(read_landmark_table(out / "landmarks.csv")) == len(cases) * len(LANDMARKS)
+
+
+def test_plain_models_predict_exactly_as_before(plain_model, single_input, tmp_path):
+    """A plain model predicted by the stock command (our code never loaded) and in a process where our
+    adaptations of nnU-Net are installed give identical files."""
+    env, (inputs, cases) = plain_model["env"], single_input
+    # the smoke model under nnU-Net's own trainer name (same network and plans): its lookup never touches our code
+    stock = results_folder(env, "nnUNetTrainer")
+    if not stock.exists():
+        shutil.copytree(plain_model["folder"], stock)
+        checkpoint_file = stock / "fold_0" / "checkpoint_final.pth"
+        checkpoint = torch.load(checkpoint_file, map_location="cpu", weights_only=False)
+        checkpoint["trainer_name"] = "nnUNetTrainer"
+        torch.save(checkpoint, checkpoint_file)
+    out = tmp_path / "plain_cli"
+    result = predict(env, inputs, out, "nnUNetTrainer", ("0",), "--disable_tta", "--save_probabilities")
+    assert "nnunet_landmark" not in result.stdout + result.stderr
+    script = (f"import nnunet_landmark.training.trainers\n"  # installs the adaptations
+              f"from nnunetv2.inference.predict_from_raw_data import predict_entry_point\n"
+              f"import sys\nsys.argv = ['nnUNetv2_predict', '-i', {str(inputs)!r}, '-o', {str(tmp_path / 'plain_patched')!r}, "
+              f"'-d', '{DATASET_ID}', '-c', '{CONFIG}', '-f', '0', '-tr', 'nnUNetTrainer', '-p', '{PLANS}', "
+              f"'-device', 'cpu', '--disable_tta', '--save_probabilities']\n"
+              f"if __name__ == '__main__':\n    predict_entry_point()\n")
+    (tmp_path / "patched_predict.py").write_text(script)
+    import sys
+    run_cli([sys.executable, str(tmp_path / "patched_predict.py")], env)
+    for case in cases:
+        a = sitk.GetArrayFromImage(sitk.ReadImage(str(out / f"{case}.nii.gz")))
+        b = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "plain_patched" / f"{case}.nii.gz")))
+        np.testing.assert_array_equal(a, b)
+        np.testing.assert_array_equal(np.load(out / f"{case}.npz")["probabilities"],
+                                      np.load(tmp_path / "plain_patched" / f"{case}.npz")["probabilities"])
+    for folder in (out, tmp_path / "plain_patched"):
+        assert not list(folder.glob("*.mrk.json")) and not (folder / "landmarks.csv").exists()
+
+
+def test_python_predictor_returns_segmentation_and_landmarks(landmark_model, single_input, tmp_path):
+    from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
+
+    from nnunet_landmark.inference import nnUNetLandmarkPredictor
+
+    env, (inputs, cases) = landmark_model["env"], single_input
+    out = tmp_path / "pred_ref"
+    predict(env, inputs, out, LANDMARK_TRAINER, ("0",), "--disable_tta")
+    predictor = nnUNetLandmarkPredictor(use_mirroring=False, device=torch.device("cpu"), allow_tqdm=False)
+    predictor.initialize_from_trained_model_folder(str(landmark_model["folder"]), (0,), "checkpoint_final.pth")
+    image, properties = SimpleITKIO().read_images([str(inputs / f"{cases[0]}_0000.nii.gz")])
+    segmentation, landmarks = predictor.predict_single_npy_array_with_landmarks(image, properties)
+    np.testing.assert_array_equal(segmentation, sitk.GetArrayFromImage(sitk.ReadImage(str(out / f"{cases[0]}.nii.gz"))))
+    markups = read_markups(out / f"{cases[0]}.mrk.json")
+    assert list(landmarks) == LANDMARKS
+    for name in LANDMARKS:
+        np.testing.assert_allclose(landmarks[name]["world"], markups[name], atol=1e-3)
+
+
+def test_prediction_on_a_real_ct(landmark_model, tmp_path):
+    """A real contrast CT (TotalSegmentator's heart crop): valid Slicer markups inside the image's extent."""
+    env = landmark_model["env"]
+    ct = shared_data("real_ct_heart_totalsegmentator", "chest_ct_heart_crop.nii.gz")
+    inputs = tmp_path / "real_in"
+    inputs.mkdir()
+    shutil.copyfile(ct, inputs / "real_ct_0000.nii.gz")
+    out = tmp_path / "real_out"
+    predict(env, inputs, out, LANDMARK_TRAINER, ("0",), "--disable_tta")
+    geometry = ImageGeometry.from_file(ct)
+    doc = json.loads((out / "real_ct.mrk.json").read_text())
+    assert doc["markups"][0]["coordinateSystem"] == "LPS" and doc["markups"][0]["type"] == "Fiducial"
+    points = read_markups(out / "real_ct.mrk.json")
+    assert list(points) == LANDMARKS
+    for name, point in points.items():
+        assert geometry.contains_world_point(point), (name, point)
+    assert ImageGeometry.from_image(sitk.ReadImage(str(out / "real_ct.nii.gz"))).same_grid_as(geometry)
