@@ -23,9 +23,20 @@ from typing import Mapping, Sequence
 import numpy as np
 import torch
 from nnunetv2.training.dataloading.data_loader import nnUNetDataLoader
-from threadpoolctl import threadpool_limits
+from threadpoolctl import ThreadpoolController
 
 from nnunet_landmark.heatmap import HeatmapEncoding, render_heatmaps
+
+# threadpool_limits() rediscovers the loaded BLAS/OpenMP libraries on every call (~4 ms, reading /proc/self/maps):
+# 10% of a small batch. One controller per process does that once.
+_THREADPOOLS: ThreadpoolController | None = None
+
+
+def _single_threaded():
+    global _THREADPOOLS
+    if _THREADPOOLS is None:
+        _THREADPOOLS = ThreadpoolController()
+    return _THREADPOOLS.limit(limits=1, user_api=None)
 
 
 class nnUNetLandmarkDataLoader(nnUNetDataLoader):
@@ -89,7 +100,7 @@ class nnUNetLandmarkDataLoader(nnUNetDataLoader):
             images, segs, regressions = list(batch["data"]), list(batch["target"]), heatmaps
         else:
             images, segs, regressions = [], [], []
-            with torch.no_grad(), threadpool_limits(limits=1, user_api=None):
+            with torch.no_grad(), _single_threaded():
                 for image, seg, heatmap in zip(batch["data"], batch["target"], heatmaps):
                     out = transforms(image=image, segmentation=seg, regression_target=heatmap)
                     if out.get("regression_target") is None:
