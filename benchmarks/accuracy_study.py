@@ -92,7 +92,7 @@ def main() -> None:
     start = time.time()
     raw = Path(env["nnUNet_raw"]) / DATASET
     if not raw.exists():
-        write_mmwhs_phantoms(work / "mmwhs", 20, seed=860, size="tiny" if args.device == "cpu" else "small",
+        write_mmwhs_phantoms(work / "mmwhs", 20, seed=860, size=(64, 64, 48) if args.device == "cpu" else "small",
                              flips=False)
         run(["nnUNetv2_convert_MMWHS", "-i", str(work / "mmwhs" / "ct_train"), "-a", str(work / "mmwhs" / "apex"),
              "-d", str(DATASET_ID), "--name", "MMWHSStudy"], env, log)

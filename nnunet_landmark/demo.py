@@ -143,7 +143,9 @@ def main(argv: list[str] | None = None) -> None:
                                               else os.environ.get("nnUNet_n_proc_DA", "8")),
            "nnUNet_def_n_proc": os.environ.get("nnUNet_def_n_proc", "2")}
     configuration, landmark_trainer, plain_trainer = SETUPS[args.device]
-    size = "tiny" if args.device == "cpu" else "small"
+    # ~3.4 mm voxels on a CPU: the resolution at which 2000 iterations localise the apex well (4.9 mm on unseen
+    # phantoms in the learning test, against 12.9 mm for the mean position)
+    size = (64, 64, 48) if args.device == "cpu" else "small"
     step = Step(8)
 
     step(f"Synthetic cardiac CT phantoms in the MM-WHS layout ({args.cases} training, {args.test_cases} unseen)")

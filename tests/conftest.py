@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+from contextlib import contextmanager
 import sys
 from pathlib import Path
 
@@ -41,6 +42,21 @@ def nnunet_dirs(tmp_path, monkeypatch) -> dict[str, str]:
     for k, v in env.items():
         monkeypatch.setenv(k, v)
     return env
+
+
+@contextmanager
+def environment(env: dict[str, str]):
+    """Set environment variables for the duration of a block (in-process nnU-Net calls read them)."""
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def run_cli(command: list[str], env: dict[str, str] | None = None, timeout: float = 900,

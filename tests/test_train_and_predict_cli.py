@@ -17,7 +17,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from conftest import CONFIG, PLANS, run_cli, shared_data
+from conftest import CONFIG, PLANS, environment, run_cli, shared_data
 from nnunet_landmark.geometry import ImageGeometry
 from nnunet_landmark.landmark_files import read_landmark_table, read_markups
 
@@ -107,18 +107,10 @@ def test_resume_with_c_continues_the_run(landmark_model):
         shutil.rmtree(fold)
     # an interrupted run: train one epoch in-process, keep only checkpoint_latest
     from nnunetv2.run.run_training import get_trainer_from_args
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
+    with environment(env):
         trainer = get_trainer_from_args(str(DATASET_ID), CONFIG, 2, LANDMARK_TRAINER, PLANS, device=torch.device("cpu"))
         trainer.num_epochs = 1
         trainer.run_training()
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
     os.replace(fold / "checkpoint_final.pth", fold / "checkpoint_latest.pth")
     result = train(env, LANDMARK_TRAINER, 2, "--c")
     assert "Epoch 1" in result.stdout and "Epoch 0\n" not in result.stdout
@@ -220,9 +212,7 @@ def in_process_logits(env, model_folder: Path, folds, image: Path, use_mirroring
     from nnunetv2.inference.data_iterators import PreprocessAdapterFromNpy
 
     from nnunet_landmark.inference import nnUNetLandmarkPredictor
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
+    with environment(env):
         predictor = nnUNetLandmarkPredictor(use_mirroring=use_mirroring, device=torch.device("cpu"), allow_tqdm=False)
         predictor.initialize_from_trained_model_folder(str(model_folder), folds, "checkpoint_final.pth")
         data, properties = SimpleITKIO().read_images([str(image)])
@@ -231,12 +221,6 @@ def in_process_logits(env, model_folder: Path, folds, image: Path, use_mirroring
         # as nnUNetv2_predict hands them to the export: float16 numpy (float32 would flip ties in the argmax)
         logits = predictor.predict_logits_from_preprocessed_data(item["data"]).cpu().numpy()
         return predictor, logits, item["data_properties"], data, properties
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def test_predict_writes_segmentation_and_landmarks(landmark_model, prediction_inputs, tmp_path):
