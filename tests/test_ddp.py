@@ -88,6 +88,8 @@ def _trainer_standin(plans: dict, is_ddp: bool):
     trainer.label_manager = plans_manager.get_label_manager({"labels": LABELS})
     trainer.landmark_heads = LandmarkHeads.from_plans(plans)
     trainer.heatmap_loss_weight = 10.0
+    trainer.heatmap_loss = "mse"
+    trainer.heatmap_deep_supervision = True  # the heatmap MSE rides on the same deep-supervision weights
     trainer.print_to_log_file = lambda *args, **kwargs: None  # _do_i_compile may log (nnUNet_compile set)
     return trainer
 
@@ -200,7 +202,8 @@ def _check_gradients(rank: int, setup: dict) -> dict:
         step["structure"] = {"dice_class": type(dc).__name__, "dice_ddp": dc.ddp, "batch_dice": dc.batch_dice,
                              "do_bg": dc.do_bg, "weights": list(loss.segmentation_loss.weight_factors),
                              "num_segmentation_channels": loss.num_segmentation_channels,
-                             "heatmap_weight": loss.heatmap_weight}
+                             "heatmap_weight": loss.heatmap_weight,
+                             "heatmap_weights": list(loss.heatmap_weights(len(target) - 1))}
         if batch_dice:
             # negative control: the same without the Dice all-gather must NOT reproduce the reference
             dc.ddp = False
@@ -412,7 +415,8 @@ def test_every_parameter_gets_a_gradient_under_ddp(ddp):
             assert step["structure"] == {"dice_class": "MemoryEfficientSoftDiceLoss", "dice_ddp": True,
                                          "batch_dice": batch_dice, "do_bg": False,
                                          "weights": pytest.approx(list(_nnunet_ds_weights(True)), rel=1e-12),
-                                         "num_segmentation_channels": len(LABELS), "heatmap_weight": 10.0}
+                                         "num_segmentation_channels": len(LABELS), "heatmap_weight": 10.0,
+                                         "heatmap_weights": pytest.approx(list(_nnunet_ds_weights(True)), rel=1e-12)}
             assert step["structure"]["weights"][-1] > 0
             assert step["second_step_grads_equal"]
             lowest = [g for n, g in step["grads"].items() if n.startswith("decoder.seg_layers.2.")]

@@ -149,6 +149,51 @@ def test_loss_is_segmentation_plus_beta_mse_in_float32():
     assert torch.isfinite(low)
 
 
+def test_heatmap_loss_is_deep_supervised_with_nnunet_weights():
+    torch.manual_seed(1)
+    c, k = 2, 1
+    shapes = [(8, 8, 8), (4, 4, 4), (2, 2, 2)]
+    outputs = [torch.randn(2, c + k, *s, requires_grad=True) for s in shapes]
+    seg_targets = [torch.randint(0, c, (2, 1, *s)) for s in shapes]
+    heatmap_target = torch.rand(2, k, 8, 8, 8)
+
+    class Zero(torch.nn.Module):
+        def forward(self, outs, targets):
+            return sum(0 * o.sum() for o in outs)
+
+    weights = (4 / 7, 2 / 7, 0.0)  # as nnU-Net's: decreasing per level, the lowest output unused
+    loss = SegmentationHeatmapLoss(Zero(), c, heatmap_weight=10.0, deep_supervision=True,
+                                   deep_supervision_weights=weights)
+    value = loss(outputs, seg_targets + [heatmap_target])
+    # target at half resolution: the mean of each 2x2x2 block
+    half = heatmap_target.reshape(2, k, 4, 2, 4, 2, 4, 2).mean(dim=(3, 5, 7))
+    mse_full = ((torch.sigmoid(outputs[0][:, c:]) - heatmap_target) ** 2).mean()
+    mse_half = ((torch.sigmoid(outputs[1][:, c:]) - half) ** 2).mean()
+    assert float(value) == pytest.approx(float(10 * (4 / 7 * mse_full + 2 / 7 * mse_half)), rel=1e-6)
+    assert float(loss.last_heatmap_loss) == pytest.approx(float(mse_full), rel=1e-6)  # the log: full resolution
+    value.backward()
+    assert outputs[1].grad[:, c:].abs().sum() > 0
+    assert outputs[2].grad is None or outputs[2].grad[:, c:].abs().sum() == 0  # weight 0: skipped, as nnU-Net
+
+
+def test_bce_heatmap_loss_option():
+    torch.manual_seed(2)
+    outputs = torch.randn(2, 3, 6, 6, 6)
+    heatmap_target = torch.rand(2, 1, 6, 6, 6)
+
+    class Zero(torch.nn.Module):
+        def forward(self, out, target):
+            return 0 * out.sum()
+
+    loss = SegmentationHeatmapLoss(Zero(), 2, heatmap_weight=3.0, heatmap_loss="bce")
+    value = loss(outputs, [torch.zeros(2, 1, 6, 6, 6), heatmap_target])
+    t, x = heatmap_target, outputs[:, 2:]
+    expected = -(t * torch.log(torch.sigmoid(x)) + (1 - t) * torch.log(1 - torch.sigmoid(x))).mean()
+    assert float(value) == pytest.approx(3 * float(expected), rel=1e-5)
+    with pytest.raises(ValueError, match="unknown heatmap loss 'l1'"):
+        SegmentationHeatmapLoss(Zero(), 2, heatmap_loss="l1")
+
+
 def _plans_with_heads(tmp_config: dict, network_class: str, heads: LandmarkHeads) -> PlansManager:
     arch = tmp_config["architecture"]
     arch["network_class_name"] = network_class

@@ -1,9 +1,14 @@
 """Segmentation loss on the first C channels + beta * MSE(sigmoid(heatmaps), target) on the last K."""
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+
+HEATMAP_LOSSES = ("mse", "bce")
 
 
 class SegmentationHeatmapLoss(nn.Module):
@@ -11,16 +16,37 @@ class SegmentationHeatmapLoss(nn.Module):
 
     ``output``: the network output, a tensor (B, C + K, ...) or, with deep supervision, a list of them
     (highest resolution first). ``target``: a list of the segmentation target(s) nnU-Net made (one per
-    output) followed by the heatmaps (B, K, ...) at full resolution. The heatmap term is computed on the
-    highest-resolution output only, in float32 whatever the autocast state. Every call runs the same
-    operations (the Dice term all-gathers under DDP), so all ranks stay in step.
+    output) followed by the heatmaps (B, K, ...) at full resolution.
+
+    The heatmap term is computed in float32 whatever the autocast state. With ``deep_supervision`` it is
+    deep-supervised like the segmentation: the weighted sum of the MSE at every output resolution, the
+    target average-pooled to each, with ``deep_supervision_weights`` or else the weights of nnU-Net's
+    DeepSupervisionWrapper around ``segmentation_loss`` (read at every call, so the two never disagree);
+    a zero weight skips that output, as nnU-Net does. Otherwise only the highest resolution counts. Every call runs the same operations (the Dice term all-gathers under DDP), so ranks stay in step.
     """
 
-    def __init__(self, segmentation_loss: nn.Module, num_segmentation_channels: int, heatmap_weight: float = 10.0):
+    def __init__(self, segmentation_loss: nn.Module, num_segmentation_channels: int, heatmap_weight: float = 10.0,
+                 deep_supervision: bool = False, heatmap_loss: str = "mse",
+                 deep_supervision_weights: Sequence[float] | None = None):
         super().__init__()
+        if heatmap_loss not in HEATMAP_LOSSES:
+            raise ValueError(f"unknown heatmap loss {heatmap_loss!r}; use one of {HEATMAP_LOSSES}")
+        self.heatmap_loss = heatmap_loss
         self.segmentation_loss = segmentation_loss
         self.num_segmentation_channels = int(num_segmentation_channels)
         self.heatmap_weight = float(heatmap_weight)
+        self.deep_supervision = bool(deep_supervision)
+        self.deep_supervision_weights = None if deep_supervision_weights is None else \
+            tuple(float(w) for w in deep_supervision_weights)
+
+    def heatmap_weights(self, num_outputs: int) -> tuple[float, ...]:
+        """The heatmap term's weight per network output (highest resolution first)."""
+        if not self.deep_supervision or num_outputs == 1:
+            return (1.0,) + (0.0,) * (num_outputs - 1)
+        weights = self.deep_supervision_weights or getattr(self.segmentation_loss, "weight_factors", None)
+        if weights is None or len(weights) < num_outputs:
+            raise ValueError(f"{num_outputs} network outputs but deep supervision weights {weights}")
+        return tuple(float(w) for w in weights[:num_outputs])
         self.last_segmentation_loss: torch.Tensor | None = None
         self.last_heatmap_loss: torch.Tensor | None = None
 
@@ -36,9 +62,23 @@ class SegmentationHeatmapLoss(nn.Module):
             segmentation = self.segmentation_loss(segmentation_outputs, segmentation_targets)
         else:
             segmentation = self.segmentation_loss(segmentation_outputs[0], segmentation_targets[0])
+        weights = self.heatmap_weights(len(outputs))
         with torch.autocast(device_type=outputs[0].device.type, enabled=False):
-            predicted = torch.sigmoid(outputs[0][:, c:].float())
-            heatmap = F.mse_loss(predicted, heatmap_target.float())
+            target = heatmap_target.float()
+            heatmap = full_resolution = None
+            for weight, o in zip(weights, outputs):
+                if weight == 0:
+                    continue
+                scaled = target if o.shape[2:] == target.shape[2:] else \
+                    F.interpolate(target, size=o.shape[2:], mode="area")
+                if self.heatmap_loss == "mse":
+                    mse = F.mse_loss(torch.sigmoid(o[:, c:].float()), scaled)
+                else:
+                    mse = F.binary_cross_entropy_with_logits(o[:, c:].float(), scaled)
+                heatmap = weight * mse if heatmap is None else heatmap + weight * mse
+                if o is outputs[0]:
+                    full_resolution = mse
         self.last_segmentation_loss = segmentation.detach()
-        self.last_heatmap_loss = heatmap.detach()
+        # the log shows the full-resolution MSE, comparable with or without deep supervision
+        self.last_heatmap_loss = (full_resolution if full_resolution is not None else heatmap).detach()
         return segmentation + self.heatmap_weight * heatmap
