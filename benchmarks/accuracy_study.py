@@ -30,6 +30,7 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))
 DATASET_ID = 860
 DATASET = "Dataset860_MMWHSStudy"
 PLANS = "nnUNetResEncUNetMPlans"
@@ -191,6 +192,12 @@ def main() -> None:
     fig.savefig(png, dpi=100)
     lines += ["", f"![apex errors]({png.name})", ""]
     Path(args.output).write_text("\n".join(lines))
+    # the summary tables also go into RESULTS.md, beside the speed benchmarks
+    from results_sections import write_section
+    summary = lines[:lines.index("Per held-out case (mm unless Dice):")]
+    write_section(HERE / "RESULTS.md", "accuracy-study",
+                  "\n".join(["## " + summary[0].lstrip("# "), *summary[1:],
+                             f"Per-case rows and the box plot: [{Path(args.output).name}]({Path(args.output).name})."]))
     Path(args.output).with_name("accuracy_rows.json").write_text(json.dumps(rows, indent=1))
     print("\n".join(lines))
 

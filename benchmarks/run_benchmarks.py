@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
 DATASET_ID = 899
 DATASET = "Dataset899_MMWHS_LVApex"
 PLANS = "nnUNetResEncUNetMPlans"
@@ -231,7 +232,9 @@ def write_results(path: Path, results: dict) -> None:
     for method, r in de.items():
         lines.append(f"| {method} | {r['seconds']:.3f} | < 1 |")
     lines += ["", "Raw numbers:", "", "```json", json.dumps(results, indent=1), "```", ""]
-    path.write_text("\n".join(lines))
+    from results_sections import sections
+    kept = sections(path)  # e.g. the accuracy study's table, which accuracy_study.py owns
+    path.write_text("\n".join(lines) + ("\n" + kept if kept else ""))
 
 
 def main() -> None:
