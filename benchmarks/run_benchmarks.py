@@ -157,7 +157,56 @@ def data_loader_benchmark(env: dict, configuration: str, batches: int) -> dict:
             rate = batches / (time.perf_counter() - start)
             results[label] = max(results.get(label, 0.0), rate)
     return {"landmark": {"batches_per_second": results["landmark"]},
-            "plain": {"batches_per_second": results["plain"]}}
+            "plain": {"batches_per_second": results["plain"]},
+            "breakdown_ms_per_batch": data_loader_breakdown(landmark_loader.data_loader, batches)}
+
+
+def data_loader_breakdown(loader, batches: int) -> dict:
+    """Where the landmark loader's extra time goes: rendering the heatmaps, and the augmentation with the heatmap
+    as an extra ``regression_target`` against the same augmentation without it (same samples, same random draws)."""
+    import torch
+
+    from nnunet_landmark.heatmap import render_heatmaps
+    from nnunet_landmark.training.data_loading import _single_threaded
+    transforms, loader.transforms = loader.transforms, None
+    try:
+        crops = []
+        for _ in range(batches):  # crop only: nnU-Net's loop without transforms
+            batch = nnunet_crop_batch(loader)
+            crops.append(batch)
+    finally:
+        loader.transforms = transforms
+    timings = {"render": 0.0, "augmentation_without_heatmap": 0.0, "augmentation_with_heatmap": 0.0}
+    for i, (batch, heatmaps) in enumerate(crops):
+        start = time.perf_counter()
+        for positions in batch["in_crop"]:
+            render_heatmaps(batch["data"].shape[2:], positions, loader.spacing, loader.encoding)
+        timings["render"] += time.perf_counter() - start
+        for key, with_heatmap in (("augmentation_without_heatmap", False), ("augmentation_with_heatmap", True)):
+            torch.manual_seed(i)
+            np.random.seed(i)
+            start = time.perf_counter()
+            with torch.no_grad(), _single_threaded():  # as the loader runs them
+                for b in range(len(batch["data"])):
+                    kwargs = {"regression_target": heatmaps[b]} if with_heatmap else {}
+                    transforms(image=batch["data"][b], segmentation=batch["target"][b], **kwargs)
+            timings[key] += time.perf_counter() - start
+    return {k: 1000 * v / batches for k, v in timings.items()}
+
+
+def nnunet_crop_batch(loader) -> tuple[dict, list]:
+    """One batch as nnU-Net's loop crops it (transforms unset), with each sample's landmarks in its crop and the
+    rendered heatmaps, as nnUNetLandmarkDataLoader.generate_train_batch prepares them."""
+    import torch
+
+    from nnunet_landmark.heatmap import render_heatmaps
+    from nnunetv2.training.dataloading.data_loader import nnUNetDataLoader
+    batch = nnUNetDataLoader.generate_train_batch(loader)
+    in_crop = [loader.landmarks[k] - lo for k, lo in zip(batch["keys"], loader._batch_crops)]
+    batch["in_crop"] = in_crop
+    heatmaps = [torch.from_numpy(render_heatmaps(batch["data"].shape[2:], p, loader.spacing, loader.encoding))
+                for p in in_crop]
+    return batch, heatmaps
 
 
 def prediction_benchmark(env: dict, configuration: str, device: str, workdir: Path, cases: int) -> dict:
@@ -227,6 +276,16 @@ def write_results(path: Path, results: dict) -> None:
         lines.append(f"| `nnUNetv2_predict` {results['prediction_cases']} cases, {tta.replace('_', ' ')} (s) | "
                      f"{pr[f'landmark_{tta}']:.1f} | {pr[f'plain_{tta}']:.1f} | "
                      f"{pr[f'landmark_{tta}'] / pr[f'plain_{tta}']:.3f} | <= 1.05 |")
+    bd = dl.get("breakdown_ms_per_batch")
+    if bd:
+        extra = 1000 / dl["landmark"]["batches_per_second"] - 1000 / dl["plain"]["batches_per_second"]
+        lines += ["", f"Where the data loader's extra {extra:.1f} ms per batch go (same samples, same random draws): "
+                  f"rendering the heatmaps {bd['render']:.1f} ms; the augmentation with the heatmap as an extra "
+                  f"`regression_target` {bd['augmentation_with_heatmap']:.1f} ms against "
+                  f"{bd['augmentation_without_heatmap']:.1f} ms without it (+"
+                  f"{bd['augmentation_with_heatmap'] - bd['augmentation_without_heatmap']:.1f} ms: the heatmap is one "
+                  f"more channel through the spatial transform's interpolation). In training the loader runs in "
+                  f"background workers; the training iteration ratio above is what a user waits for."]
     lines += ["", "Landmark decoding of one 512 x 512 x 300 heatmap (log-distance, noisy):", "",
               "| method | seconds | target |", "|---|---|---|"]
     for method, r in de.items():
