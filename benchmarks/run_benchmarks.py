@@ -168,19 +168,12 @@ def data_loader_breakdown(loader, batches: int) -> dict:
 
     from nnunet_landmark.heatmap import render_heatmaps
     from nnunet_landmark.training.data_loading import _single_threaded
-    transforms, loader.transforms = loader.transforms, None
-    try:
-        crops = []
-        for _ in range(batches):  # crop only: nnU-Net's loop without transforms
-            batch = nnunet_crop_batch(loader)
-            crops.append(batch)
-    finally:
-        loader.transforms = transforms
     timings = {"render": 0.0, "augmentation_without_heatmap": 0.0, "augmentation_with_heatmap": 0.0}
-    for i, (batch, heatmaps) in enumerate(crops):
+    for i in range(batches):
+        batch, in_crop = loader.crop_batch()  # nnU-Net's crop loop, as the landmark loader runs it
         start = time.perf_counter()
-        for positions in batch["in_crop"]:
-            render_heatmaps(batch["data"].shape[2:], positions, loader.spacing, loader.encoding)
+        heatmaps = [torch.from_numpy(render_heatmaps(batch["data"].shape[2:], p, loader.spacing, loader.encoding))
+                    for p in in_crop]
         timings["render"] += time.perf_counter() - start
         for key, with_heatmap in (("augmentation_without_heatmap", False), ("augmentation_with_heatmap", True)):
             torch.manual_seed(i)
@@ -189,24 +182,9 @@ def data_loader_breakdown(loader, batches: int) -> dict:
             with torch.no_grad(), _single_threaded():  # as the loader runs them
                 for b in range(len(batch["data"])):
                     kwargs = {"regression_target": heatmaps[b]} if with_heatmap else {}
-                    transforms(image=batch["data"][b], segmentation=batch["target"][b], **kwargs)
+                    loader.transforms(image=batch["data"][b], segmentation=batch["target"][b], **kwargs)
             timings[key] += time.perf_counter() - start
     return {k: 1000 * v / batches for k, v in timings.items()}
-
-
-def nnunet_crop_batch(loader) -> tuple[dict, list]:
-    """One batch as nnU-Net's loop crops it (transforms unset), with each sample's landmarks in its crop and the
-    rendered heatmaps, as nnUNetLandmarkDataLoader.generate_train_batch prepares them."""
-    import torch
-
-    from nnunet_landmark.heatmap import render_heatmaps
-    from nnunetv2.training.dataloading.data_loader import nnUNetDataLoader
-    batch = nnUNetDataLoader.generate_train_batch(loader)
-    in_crop = [loader.landmarks[k] - lo for k, lo in zip(batch["keys"], loader._batch_crops)]
-    batch["in_crop"] = in_crop
-    heatmaps = [torch.from_numpy(render_heatmaps(batch["data"].shape[2:], p, loader.spacing, loader.encoding))
-                for p in in_crop]
-    return batch, heatmaps
 
 
 def prediction_benchmark(env: dict, configuration: str, device: str, workdir: Path, cases: int) -> dict:

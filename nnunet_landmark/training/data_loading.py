@@ -81,7 +81,8 @@ class nnUNetLandmarkDataLoader(nnUNetDataLoader):
         self._batch_crops.append(np.asarray(lbs, dtype=np.float64))
         return lbs, ubs
 
-    def generate_train_batch(self):
+    def crop_batch(self) -> tuple[dict, np.ndarray]:
+        """One batch cropped by nnU-Net's loop without transforms, and (B, K, 3) landmark positions in each crop."""
         transforms, self.transforms = self.transforms, None
         try:
             batch = super().generate_train_batch()
@@ -90,8 +91,12 @@ class nnUNetLandmarkDataLoader(nnUNetDataLoader):
         if len(self._batch_crops) != len(batch["keys"]):
             raise RuntimeError("crop boxes and samples are out of step: nnU-Net's data loader no longer calls "
                                "get_bbox once per sample (checked against nnunetv2 2.8.1)")
+        return batch, np.stack([self.landmarks[k] - lo for k, lo in zip(batch["keys"], self._batch_crops)])
+
+    def generate_train_batch(self):
+        transforms = self.transforms
+        batch, in_crop = self.crop_batch()
         crop_shape = tuple(batch["data"].shape[2:])
-        in_crop = np.stack([self.landmarks[k] - lo for k, lo in zip(batch["keys"], self._batch_crops)])
         background = np.float32(self.encoding.background)
         heatmaps = [torch.from_numpy(render_heatmaps(crop_shape, p, self.spacing, self.encoding) - background)
                     for p in in_crop]
