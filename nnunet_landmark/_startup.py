@@ -5,14 +5,18 @@ nnU-Net looks up ``-tr NAME`` inside its own package, then in every folder liste
 ``nnunet_landmark.pth`` (installed as the top-level module ``_nnunet_landmark_startup``) and
 appends our small re-export folder to that variable, keeping any folders
 the user listed there (their own trainers keep working). It imports nothing heavy.
+
+Installed (wheel or editable), the re-export folder is ``site-packages/_nnunet_landmark_trainer_lookup``,
+written beside this module by the build (pyproject ``force-include``). It must not be looked up inside the
+package: an editable install (``pip install -e .``) leaves the package in the source tree and only the
+force-included files in site-packages, and resolving the package here would import it at every start.
 """
 import os
 
-# installed, this file is site-packages/_nnunet_landmark_startup.py (imported by nnunet_landmark.pth without
-# importing the package); in a source tree it is nnunet_landmark/_startup.py
 _HERE = os.path.dirname(os.path.abspath(__file__))
+# in a source tree this file is nnunet_landmark/_startup.py and the folder is nnunet_landmark/trainer_lookup
 TRAINER_LOOKUP_FOLDER = os.path.join(_HERE, "trainer_lookup") if os.path.basename(_HERE) == "nnunet_landmark" \
-    else os.path.join(_HERE, "nnunet_landmark", "trainer_lookup")
+    else os.path.join(_HERE, "_nnunet_landmark_trainer_lookup")
 
 
 def register_trainer_folder(environ=os.environ) -> None:

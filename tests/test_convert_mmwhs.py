@@ -16,8 +16,8 @@ import pytest
 import SimpleITK as sitk
 
 from conftest import run_cli, shared_data
-from dataset_conversion import convert_mmwhs
-from dataset_conversion.convert_mmwhs import convert, derive_apex, main
+from nnunet_landmark.dataset_conversion import convert_mmwhs
+from nnunet_landmark.dataset_conversion.convert_mmwhs import convert, derive_apex, main
 from nnunet_landmark.geometry import ImageGeometry
 from nnunet_landmark.heatmap import HeatmapEncoding
 from nnunet_landmark.landmark_files import read_markups, write_landmark_csv, write_markups

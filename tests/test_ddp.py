@@ -437,7 +437,7 @@ def test_trainer_lookup_in_spawned_ranks(ddp):
     for result in _section(ddp, "lookup"):
         parts = result["environment_at_start"].split(os.pathsep)
         assert parts[0] == ddp["user_folder"], parts
-        assert len(parts) == 2 and Path(parts[1]).parts[-2:] == ("nnunet_landmark", "trainer_lookup"), parts
+        assert len(parts) == 2 and Path(parts[1]).name == "_nnunet_landmark_trainer_lookup", parts
         assert (Path(parts[1]) / "nnunet_landmark_trainers.py").is_file()
         assert result["module"] == "nnunet_landmark.training.trainers"
         assert result["qualname"] == "nnUNetTrainerLandmark"

@@ -1,1 +1,0 @@
-"""Dataset-specific converters (installed as ``nnunet_landmark.dataset_conversion``)."""

@@ -1,0 +1,1 @@
+"""Dataset-specific converters, one module per public dataset (as nnU-Net keeps ``nnunetv2.dataset_conversion``)."""
