@@ -1,15 +1,20 @@
 """nnUNetv2_convert_MMWHS: the MM-WHS CT release + apex annotations -> an nnU-Net landmark dataset.
 
     nnUNetv2_convert_MMWHS -i MMWHS/ct_train -a APEX_ANNOTATIONS -d 801
+    nnUNetv2_convert_MMWHS -i MMWHS/ct_train -a APEX_ANNOTATIONS -d 802 \
+        --landmarks apex mitral_valve aortic_valve --derive mitral_valve aortic_valve
 
 ``-a`` is a folder of ITK-SNAP sphere masks (``<case>_apex.nii.gz`` or ``<case>.nii.gz``), a CSV
 ``case,name,x,y,z`` (LPS mm) or a folder of 3D Slicer ``<case>.mrk.json``; give further landmarks as
-``-a NAME=PATH`` and keep them with ``--landmarks apex mitral_valve ...``. Every input is read and
-checked before anything is written; the dataset appears in ``$nnUNet_raw`` in one step at the end.
+``-a NAME=PATH`` and keep them with ``--landmarks apex mitral_valve ...``. ``--derive NAME ...`` derives the
+landmarks the MM-WHS labels define (``DERIVATION_RULES``) where no annotation gives them; ``-a`` is optional when
+every landmark is derived. Every input is read and checked before anything is written; the dataset appears in
+``$nnUNet_raw`` in one step at the end.
 """
 from __future__ import annotations
 
 import argparse
+import difflib
 import gzip
 import json
 import os
@@ -28,6 +33,8 @@ from tqdm import tqdm
 
 from nnunet_landmark.geometry import ImageGeometry
 from nnunet_landmark.heatmap import HeatmapEncoding, render_heatmaps
+from nnunet_landmark.label_landmarks import (FarthestPoint, InterfaceCentre, LabelRuleError, derive_landmarks,
+                                             distance_to_labels_mm, distance_to_points_mm, interface_voxels)
 from nnunet_landmark.landmark_files import LandmarkFileError, read_landmark_csv, read_markups, read_sphere_mask
 from nnunet_landmark.raw_dataset import (DatasetError, dataset_folder_name, install_splits, kfold_splits,
                                          make_dataset_json, save_json, staged_dataset_folder, write_case_landmarks)
@@ -37,9 +44,54 @@ MMWHS_VALUES = OrderedDict([
     ("LV_blood_cavity", 500), ("LV_myocardium", 205), ("LA", 420), ("RA", 550), ("RV", 600),
     ("ascending_aorta", 820), ("pulmonary_artery", 850),
 ])
-LV_CAVITY, LV_MYOCARDIUM, LEFT_ATRIUM = 500, 205, 420
-MAX_APEX_DISTANCE_FROM_LV_MM = 30.0
+MMWHS_LABEL_NAMES = {value: name for name, value in MMWHS_VALUES.items()}
+LV_CAVITY, LV_MYOCARDIUM, LEFT_ATRIUM, ASCENDING_AORTA = 500, 205, 420, 820
 CASE_PATTERN = re.compile(r"^(?P<case>.+)_image\.nii(\.gz)?$")
+LABEL_PATTERN = re.compile(r"^(?P<case>.+)_label\.nii(\.gz)?$")
+
+# The landmarks MM-WHS labels define (the paper's alignment landmarks). The apex starts from the mitral valve
+# derived from the labels, also where an annotated one exists, so a derived apex does not depend on annotations.
+DERIVATION_RULES = OrderedDict([
+    ("mitral_valve", InterfaceCentre(LV_CAVITY, LEFT_ATRIUM)),
+    ("aortic_valve", InterfaceCentre(LV_CAVITY, ASCENDING_AORTA)),
+    ("apex", FarthestPoint(LV_CAVITY, from_landmark="mitral_valve")),
+])
+DERIVED_DESCRIPTION = "derived from labels"
+
+# Plausibility limits. A landmark of the wrong case, or given in RAS and read as LPS (x and y negated), lands
+# 70-130 mm from where it belongs, often still inside the image and even on the heart (~120 mm across), so
+# each landmark with a known structure is checked against that structure. Annotation conventions for one landmark
+# differ by 10-15 mm at most (valve: annulus plane vs leaflet tips; apex: endo- vs epicardial, wall ~10 mm).
+MAX_APEX_DISTANCE_FROM_LV_MM = 30.0
+# the valve centre lies on its interface disc (radius 10-20 mm); a flipped point is >= 50 mm from any part of it
+MAX_VALVE_DISTANCE_FROM_INTERFACE_MM = 20.0
+# every landmark, named or not: cardiac landmarks lie on the labelled heart or on the vessel stumps beside it
+MAX_DISTANCE_FROM_HEART_MM = 30.0
+STRUCTURE_CHECKS = {  # landmark -> (what, labels of the structure or an interface (structure, neighbour), limit)
+    "apex": ("the LV (labels 500, 205)", (LV_CAVITY, LV_MYOCARDIUM), MAX_APEX_DISTANCE_FROM_LV_MM),
+    "mitral_valve": ("the LV-cavity/LA interface (labels 500/420)", InterfaceCentre(LV_CAVITY, LEFT_ATRIUM),
+                     MAX_VALVE_DISTANCE_FROM_INTERFACE_MM),
+    "aortic_valve": ("the LV-cavity/ascending-aorta interface (labels 500/820)",
+                     InterfaceCentre(LV_CAVITY, ASCENDING_AORTA), MAX_VALVE_DISTANCE_FROM_INTERFACE_MM),
+}
+
+# A chest CT in HU always holds air or lung (< -500) and contrast blood or bone (> 100). Outside that the file
+# is probably not in HU (raw scanner values without rescale slope/intercept, a normalised image, or MR), and
+# nnU-Net's CT normalisation would clip it to a meaningless range.
+CT_MIN_BELOW_HU, CT_MAX_ABOVE_HU = -500.0, 100.0
+
+
+def warn(message: str) -> None:
+    print(f"nnUNetv2_convert_MMWHS: warning: {message}", file=sys.stderr)
+
+
+def near_matches(name: str, candidates, n: int = 3) -> list[str]:
+    return difflib.get_close_matches(name, sorted(candidates), n=n, cutoff=0.6)
+
+
+def _shown(names, limit: int = 10) -> str:
+    names = sorted(names)
+    return str(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
 @dataclass
@@ -53,12 +105,16 @@ class CaseInput:
     annotation_files: dict = field(default_factory=dict)  # landmark name -> the file it was read from
 
 
-def discover_cases(ct_train_dir: Path) -> "OrderedDict[str, CaseInput]":
-    """``<case>_image.nii.gz`` with its ``<case>_label.nii.gz``, as in the MM-WHS release."""
+def discover_cases(ct_train_dir: Path, skip_missing: bool = False) -> "OrderedDict[str, CaseInput]":
+    """``<case>_image.nii.gz`` with its ``<case>_label.nii.gz``, as in the MM-WHS release.
+
+    A label without its image is an error (a misnamed image), or a warning with ``skip_missing``.
+    """
     if not ct_train_dir.is_dir():
         raise DatasetError(f"{ct_train_dir}: not a folder (expected the MM-WHS ct_train folder)")
     cases: "OrderedDict[str, CaseInput]" = OrderedDict()
-    for image in sorted(ct_train_dir.iterdir()):
+    files = sorted(ct_train_dir.iterdir())
+    for image in files:
         m = CASE_PATTERN.match(image.name)
         if not m:
             continue
@@ -68,6 +124,20 @@ def discover_cases(ct_train_dir: Path) -> "OrderedDict[str, CaseInput]":
         if label is None:
             raise DatasetError(f"{image}: no label file {case}_label.nii.gz beside it")
         cases[case] = CaseInput(case, image, label)
+    used = {p for c in cases.values() for p in (c.image, c.label)}
+    unused = [p.name for p in files if p not in used]
+    for label in files:
+        m = LABEL_PATTERN.match(label.name)
+        if not m or m.group("case") in cases:
+            continue
+        expected = f"{m.group('case')}_image.nii.gz"
+        message = (f"{label}: no image {expected} beside it" +
+                   (f" (files there with a similar name: {near_matches(expected, unused)})"
+                    if near_matches(expected, unused) else ""))
+        if not skip_missing:
+            raise DatasetError(f"{message}; rename the image to {expected}, or pass --skip-missing to leave the "
+                               f"case out")
+        warn(f"skipping {m.group('case')}: {message}")
     if not cases:
         raise DatasetError(f"{ct_train_dir}: no <case>_image.nii.gz files found")
     return cases
@@ -108,6 +178,21 @@ def _read_voxels(path: Path) -> np.ndarray:
         raise DatasetError(f"{path}: unreadable ({str(e).strip().splitlines()[-1]})") from e
 
 
+def check_image_voxels(path: Path) -> None:
+    """Raise on NaN or infinite voxels (nnU-Net would train on them); warn where the values do not look like HU."""
+    array = _read_voxels(path)
+    if array.dtype.kind == "f":
+        bad = int(array.size - np.count_nonzero(np.isfinite(array)))
+        if bad:
+            raise DatasetError(f"{path}: {bad} of {array.size} voxels are NaN or infinite; fix or re-export the "
+                               f"image (e.g. replace them with -1024 HU, air)")
+    low, high = float(array.min()), float(array.max())
+    if low > CT_MIN_BELOW_HU or high < CT_MAX_ABOVE_HU:
+        warn(f"{path}: values {low:g} to {high:g} do not look like CT in Hounsfield units (a chest CT holds air or "
+             f"lung below {CT_MIN_BELOW_HU:g} and blood or bone above {CT_MAX_ABOVE_HU:g}); check the rescale "
+             f"slope/intercept or the modality")
+
+
 def check_image_and_label(item: CaseInput, allowed_values: set[int]) -> np.ndarray:
     """Read headers, check both files hold all their voxels, read every label value; return the labels (z, y, x)."""
     try:
@@ -116,14 +201,16 @@ def check_image_and_label(item: CaseInput, allowed_values: set[int]) -> np.ndarr
     except ValueError as e:  # names the file
         raise DatasetError(str(e)) from e
     if not item.geometry.same_grid_as(label_geometry):
-        raise DatasetError(
-            f"{item.label}: its grid differs from the image {item.image.name} (label size {label_geometry.size}, "
-            f"spacing {np.round(label_geometry.spacing, 4).tolist()}, origin "
-            f"{np.round(label_geometry.origin, 2).tolist()}; image size {item.geometry.size}, spacing "
-            f"{np.round(item.geometry.spacing, 4).tolist()}, origin {np.round(item.geometry.origin, 2).tolist()})")
+        def describe(g: ImageGeometry) -> str:
+            return (f"size {g.size}, spacing {np.round(g.spacing, 4).tolist()}, origin {np.round(g.origin, 2).tolist()}"
+                    f", direction {np.round(g.direction, 4).tolist()}")
+        raise DatasetError(f"{item.label}: its grid differs from the image {item.image.name} (label "
+                           f"{describe(label_geometry)}; image {describe(item.geometry)}); the label must be drawn "
+                           f"on the image's grid (resample it onto the image)")
     # the image is copied byte for byte: a truncated or corrupt file must stop us here
     check_nifti_complete(item.image)
     check_nifti_complete(item.label)
+    check_image_voxels(item.image)
     label = _read_voxels(item.label)
     unique = np.unique(label)
     if unique.dtype.kind == "f" and not np.all(unique == np.round(unique)):
@@ -141,37 +228,55 @@ def check_image_and_label(item: CaseInput, allowed_values: set[int]) -> np.ndarr
 
 
 def derive_apex(label: np.ndarray, geometry: ImageGeometry) -> tuple[np.ndarray, np.ndarray]:
-    """(apex, mitral valve centre) in LPS mm from an MM-WHS label map.
+    """(apex, mitral valve centre) in LPS mm from an MM-WHS label map, by ``DERIVATION_RULES``.
 
     The mitral valve centre is the centroid of the LV-cavity voxels that touch the LA (the LV-LA
     interface); the apex is the LV-cavity voxel farthest from it. Only the largest connected piece of
     the cavity counts: real MM-WHS label maps hold stray single 500 voxels, which must not become the apex.
     """
-    if not (label == LEFT_ATRIUM).any():
-        raise DatasetError("cannot derive the apex: the label map has no LA (label 420) to find the mitral valve")
-    cavity = label == LV_CAVITY
-    if not cavity.any():
-        raise DatasetError(f"cannot derive the apex: the label map has no LV blood cavity (label {LV_CAVITY})")
-    # work inside the cavity's bounding box, one voxel wider for the LA next to it (10-50x fewer voxels)
-    box = tuple(slice(max(s.start - 1, 0), s.stop + 1) for s in ndimage.find_objects(cavity.view(np.uint8))[0])
-    offset = np.array([s.start for s in box], dtype=np.float64)
-    cavity = cavity[box]
-    components, n = ndimage.label(cavity)
-    if n > 1:
-        cavity = components == (np.argmax(np.bincount(components.ravel())[1:]) + 1)
-    la = label[box] == LEFT_ATRIUM
-    interface = cavity & ndimage.binary_dilation(la, structure=ndimage.generate_binary_structure(3, 1))
-    if not interface.any():
-        raise DatasetError("cannot derive the apex: the LV cavity (500) and LA (420) do not touch")
-    mitral = geometry.array_index_to_world(np.argwhere(interface).mean(axis=0) + offset)
-    cavity_world = geometry.array_index_to_world(np.argwhere(cavity) + offset)
-    apex = cavity_world[np.argmax(np.linalg.norm(cavity_world - mitral, axis=1))]
-    return apex, mitral
+    derived = derive_mmwhs_landmarks(label, geometry, ["apex", "mitral_valve"])
+    return derived["apex"], derived["mitral_valve"]
+
+
+def derive_mmwhs_landmarks(label: np.ndarray, geometry: ImageGeometry,
+                           names: list[str]) -> "OrderedDict[str, np.ndarray]":
+    """The landmarks ``names`` (LPS mm) by ``DERIVATION_RULES``; DatasetError where the labels do not define one."""
+    try:
+        return derive_landmarks(label, geometry, DERIVATION_RULES, names, MMWHS_LABEL_NAMES)
+    except LabelRuleError as e:
+        raise DatasetError(str(e)) from e
 
 
 def distance_to_lv_mm(point: np.ndarray, label: np.ndarray, geometry: ImageGeometry) -> float:
-    lv = np.argwhere((label == LV_CAVITY) | (label == LV_MYOCARDIUM)).astype(np.float64)
-    return float(np.min(np.linalg.norm(geometry.array_index_to_world(lv) - point, axis=1)))
+    return distance_to_labels_mm(point, label, geometry, (LV_CAVITY, LV_MYOCARDIUM))
+
+
+def check_plausible(item: "CaseInput", label: np.ndarray) -> None:
+    """Every landmark near the labelled heart, and near its own structure where one is known (``STRUCTURE_CHECKS``)."""
+    interfaces: dict = {}
+    for name, point in item.landmarks.items():
+        origin = item.annotation_files.get(name, DERIVED_DESCRIPTION)
+        checks = []
+        if name in STRUCTURE_CHECKS:
+            checks.append(STRUCTURE_CHECKS[name])
+        checks.append(("the labelled heart (any MM-WHS label)", None, MAX_DISTANCE_FROM_HEART_MM))
+        for what, structure, limit in checks:
+            if isinstance(structure, InterfaceCentre):
+                if structure not in interfaces:
+                    try:
+                        interfaces[structure] = item.geometry.array_index_to_world(
+                            interface_voxels(label, structure.structure, structure.neighbour).astype(float))
+                    except LabelRuleError:  # no such interface in this label map: only the heart check applies
+                        interfaces[structure] = None
+                if interfaces[structure] is None:
+                    continue
+                d = distance_to_points_mm(point, interfaces[structure])
+            else:
+                d = distance_to_labels_mm(point, label, item.geometry, structure, search_mm=limit + 10)
+            if d > limit:
+                raise DatasetError(f"{origin}: the {name} of {item.case} lies {d:.1f} mm from {what} in {item.label} "
+                                   f"(more than {limit:.0f} mm); wrong case, or coordinates in RAS where LPS is "
+                                   f"expected (x and y negated)?")
 
 
 class AnnotationSource:
@@ -191,6 +296,21 @@ class AnnotationSource:
         except LandmarkFileError as e:
             raise DatasetError(str(e)) from e
         self.files: dict[str, Path] = {}  # case -> the file the last ``get`` read
+        self.notes: dict[str, str] = {}  # case -> why a file there gave none of the landmarks asked for
+
+    def case_names(self) -> set[str]:
+        """The cases this source holds annotations for (CSV rows; file names in a folder)."""
+        if self._table is not None:
+            return set(self._table)
+        if not self.path.is_dir():
+            return set()
+        names = set()
+        for p in self.path.iterdir():
+            for suffix in (".mrk.json", f"_{self.default_name}.nii.gz", f"_{self.default_name}.nii", ".nii.gz", ".nii"):
+                if p.name.endswith(suffix):
+                    names.add(p.name[:-len(suffix)])
+                    break
+        return names
 
     def get(self, case: str, names: list[str], geometry: ImageGeometry) -> "OrderedDict[str, np.ndarray]":
         """The landmarks among ``names`` this source has for ``case`` (possibly none)."""
@@ -209,6 +329,12 @@ class AnnotationSource:
             points = read_markups(markups)
             if len(points) == 1 and self.default_name in names and self.default_name not in points:
                 return OrderedDict([(self.default_name, next(iter(points.values())))])
+            if any(n not in points for n in names):
+                default = all(re.fullmatch(r"F[-_ ]?\d+", n) for n in points)
+                self.notes[case] = (f"{markups} holds control points labelled {list(points)}"
+                                    + (" (Slicer's default labels)" if default else "")
+                                    + f"; label each point with its landmark name ({names}) in Slicer's Markups "
+                                      f"module or in the file's \"label\" fields")
             return OrderedDict((n, p) for n, p in points.items() if n in names)
         if self.default_name not in names:
             return OrderedDict()
@@ -221,10 +347,42 @@ class AnnotationSource:
         return OrderedDict()
 
 
+def report_unknown_cases(sources: list[AnnotationSource], cases) -> None:
+    """Warn about annotations for cases that are not in ct_train (a misspelt name, or another release)."""
+    for source in sources:
+        unknown = sorted(source.case_names() - set(cases))
+        if unknown:
+            hints = {u: near_matches(u, cases, 1) for u in unknown[:10]}
+            warn(f"{source.path} holds annotations for {len(unknown)} case(s) not in the images folder, ignored: "
+                 + ", ".join(f"{u}" + (f" (did you mean {h[0]}?)" if h else "") for u, h in hints.items())
+                 + (f" and {len(unknown) - 10} more" if len(unknown) > 10 else ""))
+
+
+def missing_annotation_hints(case: str, sources: list[AnnotationSource], cases) -> str:
+    """Why a case found no annotation: what the sources hold instead, with near matches of the case name."""
+    hints = []
+    for source in sources:
+        if case in source.notes:
+            hints.append(source.notes[case])
+            continue
+        held = source.case_names()
+        if case in held:
+            continue
+        close = near_matches(case, held - set(cases)) or near_matches(case, held)
+        hints.append(f"{source.path} holds {len(held)} case(s) {_shown(held)}"
+                     + (f", the nearest to {case}: {close}" if close else ""))
+    return "".join(f"; {h}" for h in hints)
+
+
 def collect_inputs(ct_train_dir: Path, sources: list[AnnotationSource], landmark_names: list[str],
-                   derive_missing_apex: bool, skip_missing: bool) -> list[CaseInput]:
-    """Read and check every input; raise the first problem, naming its file, before anything is written."""
-    cases = discover_cases(ct_train_dir)
+                   derive: "list[str] | bool", skip_missing: bool) -> list[CaseInput]:
+    """Read and check every input; raise the first problem, naming its file, before anything is written.
+
+    ``derive``: the landmarks to derive from the labels where no annotation gives them (``True``: the apex).
+    """
+    derive = ["apex"] if derive is True else list(derive or [])
+    cases = discover_cases(ct_train_dir, skip_missing)
+    report_unknown_cases(sources, cases)
     allowed = {0, *MMWHS_VALUES.values()}
     accepted = []
     for item in tqdm(cases.values(), desc="Checking MM-WHS cases"):
@@ -239,34 +397,31 @@ def collect_inputs(ct_train_dir: Path, sources: list[AnnotationSource], landmark
                     item.landmarks[name] = position
                     item.annotation_files[name] = source.files.get(item.case, source.path)
         missing = [n for n in landmark_names if n not in item.landmarks]
-        if derive_missing_apex and "apex" in missing:
+        to_derive = [n for n in missing if n in derive]
+        if to_derive:
             try:
-                apex, _ = derive_apex(label, item.geometry)
+                item.landmarks.update(derive_mmwhs_landmarks(label, item.geometry, to_derive))
             except DatasetError as e:
                 raise DatasetError(f"{item.label}: {e}") from e
-            item.landmarks["apex"] = apex
-            item.derived.append("apex")
-            missing.remove("apex")
+            item.derived.extend(to_derive)
+            missing = [n for n in missing if n not in to_derive]
         if missing:
+            hints = missing_annotation_hints(item.case, sources, cases)
             if skip_missing:
-                print(f"skipping {item.case}: no annotation for {missing}", file=sys.stderr)
+                warn(f"skipping {item.case}: no annotation for {missing}{hints}")
                 continue
+            given = [str(s.path) for s in sources] if sources else "(no -a given)"
             raise DatasetError(f"{item.case} ({item.image}): no annotation for landmark(s) {missing} in "
-                               f"{[str(s.path) for s in sources]}; pass --derive-apex to derive the apex from the "
-                               f"labels or --skip-missing to leave the case out")
+                               f"{given}{hints}; pass --derive {' '.join(missing)} (--derive-apex for the apex) to "
+                               f"derive them from the labels or --skip-missing to leave the case out")
         for name in landmark_names:
             p = item.landmarks[name]
             if not item.geometry.contains_world_point(p):
-                raise DatasetError(f"{item.annotation_files.get(name, 'derived from the labels')}: landmark "
+                raise DatasetError(f"{item.annotation_files.get(name, DERIVED_DESCRIPTION)}: landmark "
                                    f"'{name}' of {item.case} at {np.round(p, 1).tolist()} mm lies outside the image "
                                    f"{item.image}; check the annotation's coordinate system")
-        if "apex" in landmark_names:
-            d = distance_to_lv_mm(item.landmarks["apex"], label, item.geometry)
-            if d > MAX_APEX_DISTANCE_FROM_LV_MM:
-                raise DatasetError(f"{item.annotation_files.get('apex', 'derived from the labels')}: the apex of "
-                                   f"{item.case} lies {d:.1f} mm from the LV in {item.label} (more than "
-                                   f"{MAX_APEX_DISTANCE_FROM_LV_MM:.0f} mm); wrong case or coordinate system?")
         item.landmarks = OrderedDict((n, item.landmarks[n]) for n in landmark_names)
+        check_plausible(item, label)
         accepted.append(item)
     if not accepted:
         raise DatasetError("no case left to convert")
@@ -301,32 +456,81 @@ def write_label(source: Path, target: Path, mapping: dict[int, int]) -> None:
     sitk.WriteImage(result, str(target), useCompression=True)
 
 
+def check_writable_root(variable: str, path: str) -> None:
+    """Raise unless ``path`` is a writable folder, or can be made as one (its nearest existing parent is writable)."""
+    folder = Path(path)
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise DatasetError(f"{variable}={path}: {existing} is not a folder; point {variable} at a folder "
+                           f"(export {variable}=/path/to/folder)")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        where = "" if existing == folder else f" (it does not exist, and its parent {existing} is not writable)"
+        raise DatasetError(f"{variable}={path}: the folder is not writable{where}; make it writable "
+                           f"(chmod u+w) or point {variable} at a folder you can write to")
+
+
+def check_derivable(landmark_names: list[str], derive: list[str], annotations: list[str]) -> None:
+    unknown = [n for n in derive if n not in DERIVATION_RULES]
+    if unknown:
+        raise DatasetError(f"cannot derive {unknown} from MM-WHS labels; derivable: {list(DERIVATION_RULES)}")
+    not_kept = [n for n in derive if n not in landmark_names]
+    if not_kept:
+        raise DatasetError(f"--derive {' '.join(not_kept)}: not among --landmarks {landmark_names}; add "
+                           f"{' '.join(not_kept)} to --landmarks")
+    if not annotations and any(n not in derive for n in landmark_names):
+        raise DatasetError(f"no annotations given (-a) for landmark(s) {[n for n in landmark_names if n not in derive]}"
+                           f"; pass -a PATH, or --derive them from the labels (derivable: {list(DERIVATION_RULES)})")
+
+
 def convert(ct_train_dir: str, annotations: list[str], dataset_id: int, dataset_name: str = "MMWHS_LVApex",
             landmark_names: list[str] | None = None, all_structures: bool = False, num_folds: int = 10,
             derive_missing_apex: bool = False, skip_missing: bool = False, save_heatmaps: bool = False,
             heatmap_max_distance_mm: float = 100.0, overwrite: bool = False, raw_root: str | None = None,
-            preprocessed_root: str | None = None) -> Path:
-    """Convert; returns the dataset folder. See the module docstring and ``main`` for the options."""
+            preprocessed_root: str | None = None, derive: list[str] | None = None) -> Path:
+    """Convert; returns the dataset folder. See the module docstring and ``main`` for the options.
+
+    ``derive``: landmarks to derive from the labels where no annotation gives them (``DERIVATION_RULES``);
+    ``derive_missing_apex`` adds the apex when it is among ``landmark_names``.
+    """
     landmark_names = list(landmark_names or ["apex"])
     if len(set(landmark_names)) != len(landmark_names) or not all(landmark_names):
         raise DatasetError(f"landmark names must be unique and non-empty, got {landmark_names}")
+    annotations = list(annotations or [])
+    derive = list(dict.fromkeys(list(derive or []) + (["apex"] if derive_missing_apex and "apex" in landmark_names
+                                                      else [])))
+    check_derivable(landmark_names, derive, annotations)
     raw_root = raw_root or os.environ.get("nnUNet_raw")
     if not raw_root:
         raise DatasetError("nnUNet_raw is not set: export nnUNet_raw=/path/to/nnUNet_raw (see nnU-Net's "
                            "setting_up_paths.md)")
     preprocessed_root = preprocessed_root or os.environ.get("nnUNet_preprocessed")
+    # checked first: a folder we cannot write must not surface as a traceback after every case was read
+    check_writable_root("nnUNet_raw", raw_root)
+    if preprocessed_root:
+        check_writable_root("nnUNet_preprocessed", preprocessed_root)
     folder_name = dataset_folder_name(dataset_id, dataset_name)
     final = Path(raw_root) / folder_name
     if final.exists() and not overwrite:
         raise FileExistsError(f"{final} already exists; pass --overwrite to replace it")
-    existing_ids = [p.name for p in Path(raw_root).glob(f"Dataset{int(dataset_id):03d}_*") if p.name != folder_name] \
-        if Path(raw_root).exists() else []
-    if existing_ids:
-        raise DatasetError(f"dataset id {dataset_id} is already used by {existing_ids} in {raw_root}")
+    for root in (raw_root, preprocessed_root):
+        existing_ids = sorted(p.name for p in Path(root).glob(f"Dataset{int(dataset_id):03d}_*")
+                              if p.name != folder_name) if root and Path(root).is_dir() else []
+        if existing_ids:
+            other = existing_ids[0].split("_", 1)[1]
+            raise DatasetError(f"dataset id {dataset_id} is already used by {existing_ids} in {root}; nnU-Net "
+                               f"needs one name per id: choose a free id with -d, or --name {other} to convert into "
+                               f"that dataset (with --overwrite to replace it), or remove {Path(root) / existing_ids[0]}")
 
     sources = [AnnotationSource(a) for a in annotations]
-    items = collect_inputs(Path(ct_train_dir), sources, landmark_names, derive_missing_apex, skip_missing)
+    items = collect_inputs(Path(ct_train_dir), sources, landmark_names, derive, skip_missing)
     labels, mapping = nnunet_labels(all_structures)
+    if not 2 <= num_folds <= len(items):
+        raise DatasetError(f"cannot make {num_folds} folds from {len(items)} case(s) in {ct_train_dir}; pass "
+                           f"--folds N with 2 <= N <= {len(items)} (the default 10 suits the 20 MM-WHS CT cases)"
+                           if len(items) >= 2 else f"only {len(items)} case to convert in {ct_train_dir}; "
+                                                   f"cross-validation needs at least 2")
     splits = kfold_splits([i.case for i in items], num_folds)
     splits_target = Path(preprocessed_root) / folder_name / "splits_final.json" if preprocessed_root else None
     if splits_target is not None and splits_target.exists() and not overwrite:
@@ -345,7 +549,7 @@ def convert(ct_train_dir: str, annotations: list[str], dataset_id: int, dataset_
             copy_image(item.image, staging / "imagesTr" / f"{item.case}_0000.nii.gz")
             write_label(item.label, staging / "labelsTr" / f"{item.case}.nii.gz", mapping)
             write_case_landmarks(staging, item.case, item.landmarks,
-                                 {n: "derived from labels" for n in item.derived})
+                                 {n: DERIVED_DESCRIPTION for n in item.derived})
             if save_heatmaps:
                 (staging / "heatmapsTr").mkdir(exist_ok=True)
                 size_zyx = item.geometry.size[::-1]
@@ -362,6 +566,8 @@ def convert(ct_train_dir: str, annotations: list[str], dataset_id: int, dataset_
                                            "nnunet-landmark", reference="https://zmiclab.github.io/zxh/0/mmwhs/",
             licence="see the MM-WHS challenge terms", landmarks_coordinate_system="LPS",
             **({"landmarks_derived": derived} if derived else {}),
+            **({"landmarks_derivation_rules": {n: DERIVATION_RULES[n].describe() for n in landmark_names
+                                               if any(n in d for d in derived.values())}} if derived else {}),
             **({"heatmap_encoding": encoding.to_dict()} if save_heatmaps else {}))
         save_json(dataset_json, staging / "dataset.json")
         save_json(splits, staging / "splits_final.json")
@@ -381,21 +587,26 @@ def main(argv: list[str] | None = None) -> None:
                     "with landmarks and 10-fold cross-validation splits.")
     parser.add_argument("-i", required=True, help="MM-WHS ct_train folder (ct_train_1001_image.nii.gz, "
                                                   "ct_train_1001_label.nii.gz, ...)")
-    parser.add_argument("-a", required=True, nargs="+", action="extend",
+    parser.add_argument("-a", nargs="+", action="extend", default=None,
                         help="apex annotations: folder of sphere masks (<case>_apex.nii.gz or <case>.nii.gz), a "
                              "CSV case,name,x,y,z (LPS mm) or a folder of <case>.mrk.json. Other landmarks: "
-                             "NAME=PATH (e.g. mitral_valve=annotations/mitral_valve)")
+                             "NAME=PATH (e.g. mitral_valve=annotations/mitral_valve). Optional when every landmark "
+                             "is derived (--derive)")
     parser.add_argument("-d", required=True, type=int, help="dataset id, e.g. 801")
     parser.add_argument("--name", default="MMWHS_LVApex", help="dataset name (default MMWHS_LVApex)")
     parser.add_argument("--landmarks", nargs="+", default=["apex"],
                         help="landmarks to keep, in heatmap channel order (default: apex). Extra ones, e.g. "
-                             "mitral_valve aortic_valve, must be in the annotations")
+                             "mitral_valve aortic_valve, come from the annotations or --derive")
     parser.add_argument("--all-structures", "--all_structures", action="store_true",
                         help="keep all seven MM-WHS structures as labels (LV blood cavity stays label 1)")
     parser.add_argument("--folds", type=int, default=10, help="number of cross-validation folds (default 10)")
+    parser.add_argument("--derive", nargs="+", default=[], action="extend", metavar="NAME",
+                        help="where no annotation gives these landmarks, derive them from the labels and mark them "
+                             "as derived: mitral_valve (centre of the LV-cavity/LA interface), aortic_valve (centre "
+                             "of the LV-cavity/ascending-aorta interface), apex (LV-cavity point farthest from the "
+                             "mitral valve centre)")
     parser.add_argument("--derive-apex", "--derive_apex", action="store_true",
-                        help="where no apex annotation exists, derive it from the labels (LV cavity point farthest "
-                             "from the mitral valve centre) and mark it as derived")
+                        help="short for --derive apex")
     parser.add_argument("--skip-missing", "--skip_missing", action="store_true",
                         help="leave out cases without annotation instead of stopping")
     parser.add_argument("--save-heatmaps", "--save_heatmaps", action="store_true",
@@ -403,9 +614,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--overwrite", action="store_true", help="replace an existing dataset folder and splits")
     args = parser.parse_args(argv)
     try:
-        convert(args.i, args.a, args.d, args.name, args.landmarks, args.all_structures, args.folds,
-                args.derive_apex, args.skip_missing, args.save_heatmaps, overwrite=args.overwrite)
-    except (DatasetError, LandmarkFileError, FileExistsError) as e:
+        convert(args.i, args.a or [], args.d, args.name, args.landmarks, args.all_structures, args.folds,
+                args.derive_apex, args.skip_missing, args.save_heatmaps, overwrite=args.overwrite,
+                derive=args.derive)
+    except (DatasetError, LandmarkFileError, OSError) as e:  # OSError: a disk full or a folder vanished meanwhile
         raise SystemExit(f"nnUNetv2_convert_MMWHS: error: {e}")
 
 
