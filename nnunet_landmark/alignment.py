@@ -262,11 +262,13 @@ def mesh_volume(vertices: np.ndarray, faces: np.ndarray) -> float:
 
 
 def write_surface(path: str | os.PathLike, vertices: np.ndarray, faces: np.ndarray) -> None:
-    """Write a triangle mesh (world LPS mm) as .vtk (legacy 4.2), .stl, .ply or .obj with meshio.
+    """Write a triangle mesh (world LPS mm) as .vtk, .stl (binary), .ply (binary) or .obj with meshio.
 
-    3D Slicer (since 4.11) reads mesh files as LPS unless their header says ``SPACE=RAS``; we also say
-    ``SPACE=LPS`` in the header (VTK title, PLY/OBJ comment, STL header), as Slicer itself writes it, so that
-    the file cannot be misread even where Slicer's default was changed. ParaView ignores the tag.
+    .vtk is legacy format 4.2 (what Slicer writes; 5.1 needs VTK >= 9), an unstructured grid of triangles, which
+    3D Slicer and ParaView open as a surface. 3D Slicer (since 4.11) reads mesh files as LPS unless their header
+    says ``SPACE=RAS``; we also put ``SPACE=LPS`` where Slicer's model reader looks for it (VTK title, PLY and OBJ
+    comment, STL header), as Slicer itself writes it, so the file cannot be misread even where Slicer's default
+    was changed. ParaView has no coordinate system and ignores the tag.
     """
     import meshio
 
@@ -274,7 +276,8 @@ def write_surface(path: str | os.PathLike, vertices: np.ndarray, faces: np.ndarr
     suffix = path.suffix.lower()
     if suffix not in MESH_FORMATS:
         raise AlignmentError(f"{path}: unknown surface format '{suffix}'; use one of {', '.join(MESH_FORMATS)}")
-    mesh = meshio.Mesh(np.asarray(vertices, dtype=np.float64), [("triangle", np.asarray(faces, dtype=np.int64))])
+    # int32: PLY has no 64-bit integers (meshio would warn and cast)
+    mesh = meshio.Mesh(np.asarray(vertices, dtype=np.float64), [("triangle", np.asarray(faces, dtype=np.int32))])
     kwargs = {"binary": True} if suffix in (".vtk", ".stl", ".ply") else {}
     meshio.write(path, mesh, file_format=MESH_FORMATS[suffix], **kwargs)
     _tag_lps(path, suffix)
