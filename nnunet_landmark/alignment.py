@@ -154,6 +154,38 @@ def check_same_units(moving: np.ndarray, fixed: np.ndarray, moving_source: str, 
     return ratio
 
 
+def check_landmarks_in_image(points: np.ndarray, geometry: ImageGeometry, landmark_source: str,
+                             image_source: str, margin_voxels: float = 10.0) -> None:
+    """Raise if every landmark lies outside the image they should belong to (another case, or not LPS?)."""
+    if not np.any(geometry.contains_world_point(points, margin_voxels)):
+        corners = geometry.index_to_world(np.array([[0, 0, 0], np.asarray(geometry.size) - 1], dtype=np.float64))
+        raise AlignmentError(
+            f"{landmark_source}: none of the landmarks lies within {image_source} (image corners "
+            f"{np.round(corners[0], 1).tolist()} to {np.round(corners[1], 1).tolist()} mm, landmark centroid "
+            f"{np.round(points.mean(axis=0), 1).tolist()} mm): are they of the same case, and in LPS mm?")
+
+
+def check_not_mirrored(fixed: np.ndarray, moving: np.ndarray, transform: sitk.Transform, scale: bool,
+                       moving_source: str, fixed_source: str) -> None:
+    """Raise if the sets are mirror images: one axis flipped (a left-right convention, voxel indices).
+
+    No rotation maps a set onto its mirror image unless the landmarks are coplanar, so a fit to the mirrored
+    set that is much better than the rigid one gives it away (3 landmarks are always coplanar: not testable).
+    An RAS file read as LPS is x and y flipped, a rotation by 180 degrees: no check can see that one.
+    """
+    if len(fixed) < 4:
+        return
+    rms = float(np.sqrt(np.mean(landmark_residuals(transform, fixed, moving) ** 2)))
+    mirror = np.diag([-1.0, 1.0, 1.0])
+    mirrored_fit = fit_landmark_transform(fixed @ mirror, moving, scale)
+    mirrored_rms = float(np.sqrt(np.mean(landmark_residuals(mirrored_fit, fixed @ mirror, moving) ** 2)))
+    if rms > 3.0 and mirrored_rms < 0.25 * rms:
+        raise AlignmentError(
+            f"{fixed_source} looks mirrored against {moving_source}: the best rotation leaves an RMS residual of "
+            f"{rms:.1f} mm, a mirror image fits to {mirrored_rms:.2f} mm. Is one file's axis flipped (a left-right "
+            f"convention, voxel indices instead of LPS mm)? Both must be world LPS (or Slicer RAS markups) in mm.")
+
+
 # ---------------------------------------------------------------------------------------------- fitting
 def fit_landmark_transform(fixed_points: np.ndarray, moving_points: np.ndarray, scale: bool = False) -> sitk.Transform:
     """Least-squares rigid (``VersorRigid3DTransform``) or similarity (``Similarity3DTransform``) transform.
@@ -308,8 +340,8 @@ def align(moving_file: str | os.PathLike, fixed_file: str | os.PathLike, output_
           label: int = 1) -> dict:
     """Fit, write ``output_transform`` (.tfm) and the report (.json beside it); optionally move a segmentation.
 
-    ``moving_file`` holds our landmarks (the CT the segmentation belongs to), ``fixed_file`` theirs. Returns the
-    report that is also written as JSON.
+    ``moving_file`` holds our landmarks (the CT the segmentation belongs to), ``fixed_file`` theirs. Every input is
+    checked before anything is written. Returns the report that is also written as JSON.
     """
     output_transform = Path(output_transform)
     if output_transform.suffix.lower() not in (".tfm", ".txt", ".h5", ".hdf5", ".mat"):
@@ -318,6 +350,9 @@ def align(moving_file: str | os.PathLike, fixed_file: str | os.PathLike, output_
         raise AlignmentError(f"{fixed_image}: --fixed-image resamples a segmentation; give it with --segmentation")
     if surface is not None and segmentation is None:
         raise AlignmentError(f"{surface}: a surface is made from a segmentation; give it with --segmentation")
+    if segmentation is not None and fixed_image is None and surface is None:
+        raise AlignmentError(f"{segmentation}: say what to do with the segmentation: --fixed-image (resample it onto "
+                             f"their grid) and/or --surface (its surface in their space)")
     if surface is not None and Path(surface).suffix.lower() not in MESH_FORMATS:
         raise AlignmentError(f"{surface}: unknown surface format; use one of {', '.join(MESH_FORMATS)}")
 
@@ -328,11 +363,24 @@ def align(moving_file: str | os.PathLike, fixed_file: str | os.PathLike, output_
     check_not_collinear(moving, names, str(moving_file))
     check_not_collinear(fixed, names, str(fixed_file))
     size_ratio = None if scale else check_same_units(moving, fixed, str(moving_file), str(fixed_file))
+    seg_image = _read_image(segmentation) if segmentation is not None else None
+    reference = _read_image(fixed_image) if fixed_image is not None else None
+    if seg_image is not None:
+        check_landmarks_in_image(moving, ImageGeometry.from_image(seg_image), str(moving_file), str(segmentation))
+    if reference is not None:
+        check_landmarks_in_image(fixed, ImageGeometry.from_image(reference), str(fixed_file), str(fixed_image))
 
     transform = fit_landmark_transform(fixed, moving, scale)
+    check_not_mirrored(fixed, moving, transform, scale, str(moving_file), str(fixed_file))
     matrix = transform_matrix(transform)
     residuals = landmark_residuals(transform, fixed, moving)
     loo, loo_note = leave_one_out_errors(fixed, moving, scale)
+    surface_mesh = None
+    if surface is not None:
+        try:
+            surface_mesh = label_surface(seg_image, label)
+        except AlignmentError as e:
+            raise AlignmentError(f"{segmentation}: {e}") from None
 
     output_transform.parent.mkdir(parents=True, exist_ok=True)
     sitk.WriteTransform(transform, str(output_transform))
@@ -363,26 +411,20 @@ def align(moving_file: str | os.PathLike, fixed_file: str | os.PathLike, output_
     }
     if size_ratio is not None:
         report["size_ratio_fixed_to_moving"] = size_ratio
-
-    if segmentation is not None:
-        seg_image = _read_image(segmentation)
-        if fixed_image is not None:
-            reference = _read_image(fixed_image)
-            moved = resample_segmentation(seg_image, reference, transform)
-            out = Path(segmentation_output) if segmentation_output else \
-                output_transform.parent / (output_transform.stem + "_segmentation.nii.gz")
-            sitk.WriteImage(moved, str(out), useCompression=True)
-            report["segmentation_in_fixed"] = str(out)
-        if surface is not None:
-            try:
-                vertices, faces = label_surface(seg_image, label)
-            except AlignmentError as e:
-                raise AlignmentError(f"{segmentation}: {e}") from None
-            vertices_fixed = apply_matrix(np.linalg.inv(matrix), vertices)
-            write_surface(surface, vertices_fixed, faces)
-            report["surface"] = {"file": str(surface), "label": label, "space": "fixed (LPS mm)",
-                                 "vertices": int(len(vertices)), "triangles": int(len(faces)),
-                                 "volume_mm3": mesh_volume(vertices_fixed, faces)}
+    if reference is not None:
+        out = Path(segmentation_output) if segmentation_output else \
+            output_transform.parent / (output_transform.stem + "_segmentation.nii.gz")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        sitk.WriteImage(resample_segmentation(seg_image, reference, transform), str(out), useCompression=True)
+        report["segmentation_in_fixed"] = str(out)
+    if surface_mesh is not None:
+        vertices, faces = surface_mesh
+        vertices_fixed = apply_matrix(np.linalg.inv(matrix), vertices)
+        Path(surface).parent.mkdir(parents=True, exist_ok=True)
+        write_surface(surface, vertices_fixed, faces)
+        report["surface"] = {"file": str(surface), "label": label, "space": "fixed (LPS mm)",
+                             "vertices": int(len(vertices)), "triangles": int(len(faces)),
+                             "volume_mm3": mesh_volume(vertices_fixed, faces)}
 
     report_file = output_transform.with_suffix(".json")
     report_file.write_text(json.dumps(report, indent=2) + "\n")

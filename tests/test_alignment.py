@@ -354,6 +354,42 @@ def test_missing_inputs_are_errors_naming_the_file(tmp_path):
                         surface=tmp_path / "lv.vtk")
 
 
+def test_mirrored_landmark_sets_are_an_error_naming_both_files(tmp_path):
+    matrix, translation = _rigid(9)
+    fixed = _landmarks(9, 5)
+    left_right = np.diag([-1.0, 1.0, 1.0])
+    ours, theirs = _pair(tmp_path, OrderedDict((k, left_right @ v) for k, v in fixed.items()),
+                         _map(matrix, translation, fixed))
+    with pytest.raises(AlignmentError, match=rf"{theirs} looks mirrored against {ours}: the best rotation leaves an "
+                                              rf"RMS residual of \d+\.\d mm, a mirror image fits to 0\.00 mm"):
+        alignment.align(ours, theirs, tmp_path / "t.tfm")
+    assert not (tmp_path / "t.tfm").exists()
+    # an RAS file read as LPS is a rotation, not a mirror image: aligned, and the rotation absorbs it
+    ours, theirs = _pair(tmp_path, OrderedDict((k, lps_to_ras(v)) for k, v in fixed.items()),
+                         _map(matrix, translation, fixed))
+    assert alignment.align(ours, theirs, tmp_path / "t.tfm")["fre_rms_mm"] < 1e-6
+
+
+def test_nothing_is_written_when_an_input_is_wrong(tmp_path):
+    matrix, translation = _rigid(10)
+    fixed = _landmarks(10, 3, center=(0, 0, 0))
+    ours, theirs = _pair(tmp_path, fixed, _map(matrix, translation, fixed))
+    geometry = _grid((0, 0, 0), (1, 1, 1), (1, 1, 1), (20, 20, 20), (500, 500, 500))
+    sitk.WriteImage(_ellipsoid(geometry, (500, 500, 500), np.eye(3), (5, 5, 5), label=2), str(tmp_path / "seg.nii.gz"))
+    with pytest.raises(AlignmentError, match=rf"{ours}: none of the landmarks lies within {tmp_path / 'seg.nii.gz'}"):
+        alignment.align(ours, theirs, tmp_path / "t.tfm", segmentation=tmp_path / "seg.nii.gz",
+                        surface=tmp_path / "lv.vtk")
+    with pytest.raises(AlignmentError, match=rf"{tmp_path / 'seg.nii.gz'}: say what to do with the segmentation"):
+        alignment.align(ours, theirs, tmp_path / "t.tfm", segmentation=tmp_path / "seg.nii.gz")
+    # our landmarks in the segmentation's image this time, but its label 1 is missing
+    near = _grid((0, 0, 0), (1, 1, 1), (4, 4, 4), (40, 40, 40), matrix @ np.zeros(3) + translation)
+    sitk.WriteImage(_ellipsoid(near, translation, np.eye(3), (20, 20, 20), label=2), str(tmp_path / "seg.nii.gz"))
+    with pytest.raises(AlignmentError, match=rf"{tmp_path / 'seg.nii.gz'}: label 1 is absent"):
+        alignment.align(ours, theirs, tmp_path / "t.tfm", segmentation=tmp_path / "seg.nii.gz",
+                        surface=tmp_path / "lv.vtk")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ours.mrk.json", "seg.nii.gz", "theirs.mrk.json"]
+
+
 # ------------------------------------------------------------------------------------------ the command
 def test_console_script_end_to_end_on_a_phantom(tmp_path):
     """Our CT phantom and its predicted-style landmarks.csv against an 'MRI' in another pose and grid."""
