@@ -396,6 +396,194 @@ def test_installed_console_script(release_copy, nnunet_dirs):
     assert max(voxel_error(geometries[c], p[0], truth[c]["apex"]) for c, p in landmarks.items()) < 0.5
 
 
+# ------------------------------------------------------------------------------------- bad input (issue #2)
+def rewrite_image(path: Path, change) -> np.ndarray:
+    image = sitk.ReadImage(str(path))
+    array = change(sitk.GetArrayFromImage(image).astype(np.float32))
+    out = sitk.GetImageFromArray(array)
+    out.CopyInformation(image)
+    sitk.WriteImage(out, str(path), useCompression=True)
+    return array
+
+
+@pytest.mark.parametrize("how", ["a_few", "all"])
+def test_nan_or_infinite_image_voxels_are_refused(release_copy, nnunet_dirs, how):
+    root, _, _ = release_copy
+    path = root / "ct_train" / "ct_train_1006_image.nii.gz"
+
+    def damage(a):
+        if how == "a_few":
+            a[3, 4, 5] = a[10, 20, 30] = np.nan
+            a[0, 0, 0] = -np.inf
+        else:
+            a[:] = np.inf
+        return a
+
+    array = rewrite_image(path, damage)
+    count = 3 if how == "a_few" else array.size
+    expect_error(nnunet_dirs, root / "ct_train", [root / "apex"], path,
+                 rf"{count} of {array.size} voxels are NaN or infinite")
+
+
+def test_image_values_that_are_not_hu_give_a_warning(release_copy, nnunet_dirs, capsys):
+    root, _, _ = release_copy
+    path = root / "ct_train" / "ct_train_1006_image.nii.gz"
+    rewrite_image(path, lambda a: (a - a.min()) / (a.max() - a.min()))  # normalised to [0, 1]
+    convert_quiet(root / "ct_train", [root / "apex"])
+    err = capsys.readouterr().err
+    assert err.count("do not look like CT in Hounsfield units") == 1, err  # the other 19 images are HU
+    assert re.search(re.escape(str(path)) + r": values 0 to 1 do not look like CT", err), err
+
+
+@pytest.mark.parametrize("name", ["mitral_valve", "aortic_valve"])
+def test_valve_given_in_ras_is_refused_although_inside_the_image(release_copy, nnunet_dirs, name):
+    root, truth, geometries = release_copy
+    # RAS read as LPS negates x and y: the first case where that lands inside the image, 70-130 mm away
+    case = next(c for c in CASES if geometries[c].contains_world_point(truth[c][name] * [-1, -1, 1])
+                and 70 <= np.linalg.norm(truth[c][name] * [-2, -2, 0]) <= 130)
+    table = {c: {"apex": truth[c]["apex"], name: truth[c][name]} for c in CASES}
+    table[case][name] = truth[case][name] * [-1, -1, 1]
+    csv_path = root / "ras.csv"
+    write_landmark_csv(csv_path, table)
+    expect_error(nnunet_dirs, root / "ct_train", [csv_path], csv_path,
+                 rf"the {name} of {case} lies \d+\.\d mm from the LV-cavity/\S+ interface .*more than 20 mm.*RAS",
+                 landmark_names=["apex", name])
+
+
+def test_any_landmark_far_from_the_heart_is_refused(release_copy, nnunet_dirs):
+    """A landmark with a name the converter has no structure for is still checked against the labelled heart."""
+    root, truth, geometries = release_copy
+    case = "ct_train_1011"
+    label = sitk.GetArrayFromImage(sitk.ReadImage(str(root / "ct_train" / f"{case}_label.nii.gz")))
+    heart = geometries[case].array_index_to_world(np.argwhere(label > 0).astype(float))
+    corner = next(p for p in geometries[case].index_to_world(np.array([[1, 1, 1], [46, 1, 1], [1, 46, 1], [1, 1, 38],
+                                                                        [46, 46, 38], [46, 46, 1]], dtype=float))
+                  if np.linalg.norm(heart - p, axis=1).min() > 35)
+    table = {c: {"apex": truth[c]["apex"], "pulmonary_valve": truth[c]["apex"]} for c in CASES}
+    table[case]["pulmonary_valve"] = corner
+    csv_path = root / "other.csv"
+    write_landmark_csv(csv_path, table)
+    expect_error(nnunet_dirs, root / "ct_train", [csv_path], csv_path,
+                 rf"the pulmonary_valve of {case} lies \d+\.\d mm from the labelled heart .*more than 30 mm",
+                 landmark_names=["apex", "pulmonary_valve"])
+
+
+@pytest.mark.parametrize("problem", ["raw_is_a_file", "raw_under_a_file", "preprocessed_read_only"])
+def test_unwritable_nnunet_folders_are_refused_before_reading_the_cases(release, nnunet_dirs, tmp_path, monkeypatch,
+                                                                       problem):
+    root, _, _ = release
+
+    def not_yet(*args, **kwargs):
+        raise AssertionError("the cases were read before the output folders were checked")
+
+    monkeypatch.setattr(convert_mmwhs, "collect_inputs", not_yet)
+    kwargs = {}
+    if problem == "raw_is_a_file":
+        variable, folder = "nnUNet_raw", tmp_path / "raw_file"
+        folder.write_text("not a folder")
+        kwargs["raw_root"] = str(folder)
+        message = "is not a folder"
+    elif problem == "raw_under_a_file":
+        variable, folder = "nnUNet_raw", tmp_path / "raw_file" / "nnUNet_raw"
+        folder.parent.write_text("not a folder")
+        kwargs["raw_root"] = str(folder)
+        message = "is not a folder"
+    else:
+        variable, folder = "nnUNet_preprocessed", Path(nnunet_dirs["nnUNet_preprocessed"])
+        folder.chmod(0o555)
+        if os.geteuid() == 0:  # root writes anywhere: judge by the permission bits, as for any other user
+            real_access = os.access
+            monkeypatch.setattr(os, "access", lambda p, mode: real_access(p, mode) and (
+                not mode & os.W_OK or bool(os.stat(p).st_mode & 0o200)))
+        message = "the folder is not writable"
+    try:
+        with pytest.raises(DatasetError, match=message) as info:
+            convert_quiet(root / "ct_train", [root / "apex"], **kwargs)
+    finally:
+        folder.chmod(0o755) if folder.is_dir() else None
+    assert f"{variable}={folder}" in str(info.value), str(info.value)
+    assert_nothing_written(nnunet_dirs)
+
+
+def test_label_without_its_image_is_reported_with_near_names(release_copy, nnunet_dirs, capsys):
+    root, _, _ = release_copy
+    (root / "ct_train" / "ct_train_1004_image.nii.gz").rename(root / "ct_train" / "ct_train_1004_img.nii.gz")
+    label = root / "ct_train" / "ct_train_1004_label.nii.gz"
+    expect_error(nnunet_dirs, root / "ct_train", [root / "apex"], label,
+                 r"no image ct_train_1004_image.nii.gz beside it \(files there with a similar name: "
+                 r"\['ct_train_1004_img.nii.gz'.*--skip-missing")
+    folder = convert_quiet(root / "ct_train", [root / "apex"], skip_missing=True)
+    assert json.loads((folder / "dataset.json").read_text())["numTraining"] == 19
+    assert "skipping ct_train_1004: " + str(label) in capsys.readouterr().err
+
+
+def test_annotations_for_unknown_or_misspelt_cases_are_reported(release_copy, nnunet_dirs, capsys):
+    root, truth, _ = release_copy
+    # a misspelt case name (l for 1): the case finds no annotation, and the error shows what the CSV holds
+    misspelt = root / "misspelt.csv"
+    write_landmark_csv(misspelt, {("ct_train_l003" if c == "ct_train_1003" else c): {"apex": truth[c]["apex"]}
+                                  for c in CASES})
+    expect_error(nnunet_dirs, root / "ct_train", [misspelt], misspelt,
+                 r"ct_train_1003 .*no annotation .* holds 20 case\(s\) .*the nearest to ct_train_1003: "
+                 r"\['ct_train_l003'")
+    # rows for a case that is not in ct_train: converted, with a warning that names them
+    extra = root / "extra.csv"
+    write_landmark_csv(extra, {**{c: {"apex": truth[c]["apex"]} for c in CASES},
+                               "ct_train_1100": {"apex": truth["ct_train_1001"]["apex"]}})
+    capsys.readouterr()
+    convert_quiet(root / "ct_train", [extra])
+    err = capsys.readouterr().err
+    assert f"{extra} holds annotations for 1 case(s) not in the images folder, ignored: ct_train_1100" in err, err
+
+
+def test_markups_with_slicers_default_labels_name_the_file_and_its_labels(release_copy, nnunet_dirs):
+    root, truth, _ = release_copy
+    bad = root / "markups" / "ct_train_1003.mrk.json"
+    write_markups(bad, {"F-1": truth["ct_train_1003"]["apex"], "F-2": truth["ct_train_1003"]["mitral_valve"]})
+    expect_error(nnunet_dirs, root / "ct_train", [root / "markups"], bad,
+                 r"ct_train_1003 .*no annotation for landmark\(s\) \['apex'\].*holds control points labelled "
+                 r"\['F-1', 'F-2'\] \(Slicer's default labels\); label each point with its landmark name")
+
+
+def test_grid_that_differs_only_in_direction_shows_both_directions(release_copy, nnunet_dirs):
+    root, _, geometries = release_copy
+    path = root / "ct_train" / "ct_train_1008_label.nii.gz"
+    label = sitk.ReadImage(str(path))
+    direction = np.asarray(label.GetDirection()).reshape(3, 3) @ np.diag([1.0, 1.0, -1.0])
+    label.SetDirection(direction.ravel().tolist())
+    sitk.WriteImage(label, str(path), useCompression=True)
+    error = expect_error(nnunet_dirs, root / "ct_train", [root / "apex"], path, r"grid differs from the image")
+    image_direction = np.round(geometries["ct_train_1008"].direction, 4).tolist()
+    assert f"direction {np.round(direction.ravel(), 4).tolist()}" in str(error)
+    assert f"direction {image_direction}" in str(error)
+
+
+def test_too_few_cases_for_the_folds_mention_the_option(release, nnunet_dirs, tmp_path):
+    root, _, _ = release
+    ct_train = tmp_path / "ct_train"
+    ct_train.mkdir()
+    for case in CASES[:3]:
+        for kind in ("image", "label"):
+            shutil.copyfile(root / "ct_train" / f"{case}_{kind}.nii.gz", ct_train / f"{case}_{kind}.nii.gz")
+    with pytest.raises(SystemExit, match=r"cannot make 10 folds from 3 case\(s\) in .*; pass --folds N with "
+                                         r"2 <= N <= 3"):
+        main(["-i", str(ct_train), "-a", str(root / "apex"), "-d", "801"])
+    assert_nothing_written(nnunet_dirs)
+    main(["-i", str(ct_train), "-a", str(root / "apex"), "-d", "801", "--folds", "3"])
+
+
+def test_dataset_id_used_by_another_name_says_how_to_proceed(release, nnunet_dirs):
+    root, _, _ = release
+    folder = convert_quiet(root / "ct_train", [root / "apex"])
+    before = {p: sha256(p) for p in folder.rglob("*") if p.is_file()}
+    with pytest.raises(SystemExit) as info:
+        main(["-i", str(root / "ct_train"), "-a", str(root / "apex"), "-d", "801", "--name", "Other"])
+    message = str(info.value.code)
+    assert "801 is already used by ['Dataset801_MMWHS_LVApex']" in message
+    assert "choose a free id with -d" in message and "--name MMWHS_LVApex" in message and "--overwrite" in message
+    assert {p: sha256(p) for p in folder.rglob("*") if p.is_file()} == before
+
+
 # ------------------------------------------------------------------------------------------ existing / interrupted
 def test_existing_dataset_is_never_overwritten_without_overwrite(release, nnunet_dirs):
     root, _, _ = release

@@ -179,8 +179,17 @@ def _read_voxels(path: Path) -> np.ndarray:
 
 
 def check_image_voxels(path: Path) -> None:
-    """Raise on NaN or infinite voxels (nnU-Net would train on them); warn where the values do not look like HU."""
-    array = _read_voxels(path)
+    """Raise on NaN or infinite voxels; warn where the values do not look like HU.
+
+    Read with nibabel: SimpleITK's NIfTI reader turns NaN and infinity into 0 without a word, so nnU-Net's
+    default reader would train on 0 HU (water) there, and a nibabel-based reader on NaN.
+    """
+    import nibabel
+
+    try:
+        array = np.asarray(nibabel.load(str(path)).dataobj)
+    except Exception as e:  # nibabel raises many types for a broken file
+        raise DatasetError(f"{path}: cannot read the voxels ({e})") from e
     if array.dtype.kind == "f":
         bad = int(array.size - np.count_nonzero(np.isfinite(array)))
         if bad:
