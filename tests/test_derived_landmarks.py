@@ -205,3 +205,15 @@ def test_derive_option_errors(four_phantoms, nnunet_dirs, argv, message):
     with pytest.raises(SystemExit, match=message):
         main(["-i", str(root / "ct_train"), "-d", "805", "--folds", "2", *argv])
     assert not list(Path(nnunet_dirs["nnUNet_raw"]).iterdir())
+
+
+def test_an_empty_csv_is_like_an_empty_folder(four_phantoms, nnunet_dirs, tmp_path):
+    root, truth = four_phantoms
+    empty = tmp_path / "empty.csv"
+    empty.write_text("case,name,x,y,z\n")
+    with pytest.raises(SystemExit, match=rf"no annotation for landmark\(s\) \['apex'\] in \['{empty}'\]; {empty} "
+                                         r"holds 0 case\(s\) \[\]"):
+        main(["-i", str(root / "ct_train"), "-a", str(empty), "-d", "806", "--folds", "2"])
+    main(["-i", str(root / "ct_train"), "-a", str(empty), "-d", "806", "--folds", "2", "--derive-apex"])
+    dataset = json.loads((Path(nnunet_dirs["nnUNet_raw"]) / "Dataset806_MMWHS_LVApex" / "dataset.json").read_text())
+    assert dataset["landmarks_derived"] == {case: ["apex"] for case in truth}

@@ -35,7 +35,8 @@ from nnunet_landmark.geometry import ImageGeometry
 from nnunet_landmark.heatmap import HeatmapEncoding, render_heatmaps
 from nnunet_landmark.label_landmarks import (FarthestPoint, InterfaceCentre, LabelRuleError, derive_landmarks,
                                              distance_to_labels_mm, distance_to_points_mm, interface_voxels)
-from nnunet_landmark.landmark_files import LandmarkFileError, read_landmark_csv, read_markups, read_sphere_mask
+from nnunet_landmark.landmark_files import (LandmarkFileError, read_landmark_csv, read_landmark_table, read_markups,
+                                            read_sphere_mask)
 from nnunet_landmark.raw_dataset import (DatasetError, dataset_folder_name, install_splits, kfold_splits,
                                          make_dataset_json, save_json, staged_dataset_folder, write_case_landmarks)
 
@@ -301,7 +302,10 @@ class AnnotationSource:
         if not self.path.exists():
             raise DatasetError(f"{self.path}: annotation path does not exist")
         try:
-            self._table = read_landmark_csv(self.path) if self.path.is_file() and self.path.suffix == ".csv" else None
+            self._table = None
+            if self.path.is_file() and self.path.suffix == ".csv":
+                # a CSV with only its header holds no case, like an empty folder (the cases may all be derived)
+                self._table = read_landmark_csv(self.path) if read_landmark_table(self.path) else OrderedDict()
         except LandmarkFileError as e:
             raise DatasetError(str(e)) from e
         self.files: dict[str, Path] = {}  # case -> the file the last ``get`` read
