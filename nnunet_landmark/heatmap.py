@@ -97,6 +97,61 @@ def render_heatmaps(shape: Sequence[int], positions: np.ndarray, spacing: Sequen
     return out
 
 
+def render_heatmaps_mapped(shape: Sequence[int], positions: np.ndarray, spacing: Sequence[float],
+                           encoding: HeatmapEncoding, to_source: np.ndarray | None = None) -> np.ndarray:
+    """``render_heatmaps`` on an array that is an affine view of a source grid with voxel size ``spacing``.
+
+    ``to_source`` (ndim, ndim): a one-voxel step along each array axis (columns) in source voxels, e.g. an augmented
+    patch's rotation/scaling/mirroring back to the crop it was sampled from; None is the identity (then this equals
+    ``render_heatmaps``). Distances are measured in the source, in mm: ``|diag(spacing) @ to_source @ (x - p)|``, so
+    the target is the same function of distance as a heatmap drawn on the source and resampled, without the
+    resampling. Works slice by slice in place (no full-size float temporaries).
+    """
+    positions = np.atleast_2d(np.asarray(positions, dtype=np.float64))
+    ndim = len(shape)
+    if ndim != 3 or positions.shape[1] != 3 or len(spacing) != 3:
+        raise ValueError(f"positions {positions.shape} and spacing {len(spacing)} must match a 3D shape, got {shape}")
+    linear = np.diag(np.asarray(spacing, dtype=np.float64))
+    if to_source is not None:
+        linear = linear @ np.asarray(to_source, dtype=np.float64)
+    metric = linear.T @ linear  # squared mm of a step along array axes i and j
+    out = np.empty((positions.shape[0], *shape), dtype=np.float32)
+    scratch = np.empty(shape[1:], dtype=np.float32)
+    cross = bool(metric[0, 1] != 0 or metric[0, 2] != 0)
+    for k, p in enumerate(positions):
+        if not np.all(np.isfinite(p)):
+            out[k] = encoding.background
+            continue
+        d0, d1, d2 = (np.arange(n, dtype=np.float64) - p[a] for a, n in enumerate(shape))
+        in_plane = (metric[1, 1] * d1 * d1)[:, None] + (2 * metric[1, 2] * d1)[:, None] * d2[None, :] + \
+            (metric[2, 2] * d2 * d2)[None, :]
+        in_plane = in_plane.astype(np.float32)
+        along = (metric[0, 0] * d0 * d0).astype(np.float32)
+        slope = (2 * (metric[0, 1] * d1[:, None] + metric[0, 2] * d2[None, :])).astype(np.float32) if cross else None
+        for i in range(shape[0]):
+            squared = out[k, i]
+            np.add(in_plane, along[i], out=squared)
+            if cross:
+                np.multiply(slope, np.float32(d0[i]), out=scratch)
+                squared += scratch
+        _encode_squared_in_place(out[k], encoding)
+    return out
+
+
+def _encode_squared_in_place(squared: np.ndarray, encoding: HeatmapEncoding) -> None:
+    """``encoding.encode(sqrt(squared))`` in place, float32 (the same operations as ``encode``)."""
+    np.maximum(squared, np.float32(0), out=squared)  # rounding of a rotated quadratic form near the landmark
+    if encoding.kind == "log_distance":
+        np.sqrt(squared, out=squared)
+        np.divide(squared, np.float32(encoding.scale_mm), out=squared)
+        np.log1p(squared, out=squared)
+        np.divide(squared, np.float32(math.log1p(encoding.max_distance_mm / encoding.scale_mm)), out=squared)
+        np.minimum(squared, np.float32(1.0), out=squared)
+    else:
+        np.divide(squared, np.float32(-2 * encoding.sigma_mm ** 2), out=squared)
+        np.exp(squared, out=squared)
+
+
 @dataclass(frozen=True)
 class DecodedLandmark:
     position: np.ndarray  # refined voxel index (float, array axes)
@@ -220,6 +275,105 @@ def _refine_parabola(heatmap: np.ndarray, voxel: tuple[int, ...], take_log: bool
     return position
 
 
+SEARCH_SLAB_VOXELS = 1 << 20  # voxels per slab when a heatmap is searched slab by slab (memory-light)
+_HALF_INF = 0x7C00  # float16 bit patterns: +inf; +NaN lie above it (as int16), -NaN above 0xFC00 (as uint16)
+_HALF_MINUS_ZERO = 0x8000
+
+
+def _valid_at(valid, shape: tuple[int, ...], index: tuple) -> np.ndarray:
+    """``valid`` (an array broadcastable to ``shape``, or an object indexable like the full mask) at ``index``."""
+    if isinstance(valid, (np.ndarray, list, tuple, bool)):
+        return np.broadcast_to(np.asarray(valid, dtype=bool), shape)[index]
+    return np.asarray(valid[index], dtype=bool)
+
+
+def _first_extreme_index(heatmap: np.ndarray, maximum: bool) -> int | None:
+    """Flat index ``np.argmax`` / ``np.argmin`` returns, without copying the heatmap; None for the cases only an
+    exact slow search settles (NaN present, or an extremum of zero that -0.0 might tie).
+
+    float16 has no fast reductions in numpy, so its bit patterns are searched as integers: non-negative floats
+    order like their int16 patterns, negative ones like their uint16 patterns, both without a copy.
+    """
+    if heatmap.dtype != np.float16:
+        index = int(np.argmax(heatmap) if maximum else np.argmin(heatmap))
+        value = heatmap.flat[index]
+        return None if (heatmap.dtype.kind == "f" and np.isnan(value)) else index
+    signed, unsigned = heatmap.view(np.int16), heatmap.view(np.uint16)
+    largest = int(np.argmax(signed))  # the largest non-negative float, if any
+    most_negative = int(np.argmax(unsigned))  # the most negative float, if any
+    top, bottom = int(signed.flat[largest]), int(unsigned.flat[most_negative])
+    if top > _HALF_INF or bottom > 0xFC00:  # NaN: numpy would return the first NaN
+        return None
+    if maximum:
+        if top > 0:
+            return largest
+        if top < 0:  # all negative: the maximum is the negative closest to zero
+            return int(np.argmin(unsigned))
+        return None
+    if bottom > _HALF_MINUS_ZERO:
+        return most_negative
+    if bottom < _HALF_MINUS_ZERO:  # no negative value: the minimum is the smallest non-negative
+        return int(np.argmin(signed))
+    return None
+
+
+def _masked_search(heatmap: np.ndarray, valid, kind: str, slab_voxels: int = SEARCH_SLAB_VOXELS):
+    """(extreme voxel, far value) of ``np.where(valid, heatmap, worst)`` exactly as a whole-volume search finds
+    them (first occurrence, NaN first), slab by slab along the first axis so that no full-volume copy is made."""
+    minimum = kind == "log_distance"
+    worst = np.inf if minimum else -np.inf
+    work_dtype = np.result_type(heatmap.dtype, np.float32)  # float16 -> float32 is exact
+    rows = max(1, slab_voxels // max(1, int(np.prod(heatmap.shape[1:]))))
+    best_index, best_value, far = 0, None, -np.inf if minimum else np.inf
+    for start in range(0, heatmap.shape[0], rows):
+        box = (slice(start, start + rows),)
+        values = np.array(heatmap[box], dtype=work_dtype)
+        if valid is not None:
+            np.copyto(values, worst, where=~_valid_at(valid, heatmap.shape, box))
+        index = int(np.argmin(values) if minimum else np.argmax(values))
+        value = values.flat[index]
+        if best_value is None or (not np.isnan(best_value) and
+                                  (np.isnan(value) or (value < best_value if minimum else value > best_value))):
+            best_index, best_value = start * values[0].size + index, value
+        finite = np.isfinite(values)
+        far = max(far, np.max(values, initial=-np.inf, where=finite)) if minimum else \
+            min(far, np.min(values, initial=np.inf, where=finite))
+    voxel = tuple(int(i) for i in np.unravel_index(best_index, heatmap.shape))
+    return voxel, float(far)
+
+
+def _search_extremum(heatmap: np.ndarray, valid, kind: str, already_sigmoid: bool, sufficient_contrast: float):
+    """(extreme voxel, far value) for ``decode_heatmap``'s extremum method without full-volume temporaries.
+
+    The voxel is exactly the whole-volume search's. ``far`` (the opposite extreme) only enters the contrast,
+    which is used as ``min(1, contrast / 0.5)`` and against ``flat_threshold``: when a lower bound of the
+    contrast already reaches ``sufficient_contrast`` (the larger of both), the bound gives identical results.
+    """
+    minimum = kind == "log_distance"
+    shape = heatmap.shape
+    flat = _first_extreme_index(heatmap, maximum=not minimum)
+    voxel = None if flat is None else tuple(int(i) for i in np.unravel_index(flat, shape))
+    if voxel is None or (valid is not None and not bool(_valid_at(valid, shape, voxel))):
+        return _masked_search(heatmap, valid, kind)
+    flat = _first_extreme_index(heatmap, maximum=minimum)
+    if flat is not None and np.isfinite(heatmap.flat[flat]):
+        far_voxel = tuple(int(i) for i in np.unravel_index(flat, shape))
+        if valid is None or bool(_valid_at(valid, shape, far_voxel)):
+            return voxel, float(heatmap.flat[flat])
+    # a bound from every 4th voxel per axis: the true far value is at least as far from the extreme
+    box = tuple(slice(None, None, 4) for _ in shape)
+    sample = np.array(heatmap[box], dtype=np.result_type(heatmap.dtype, np.float32))
+    keep = np.isfinite(sample) if valid is None else np.isfinite(sample) & _valid_at(valid, shape, box)
+    if keep.any():
+        bound = float(np.max(sample, where=keep, initial=-np.inf) if minimum else
+                      np.min(sample, where=keep, initial=np.inf))
+        extreme = float(heatmap[voxel])
+        squash = (lambda x: x) if already_sigmoid else (lambda x: 1.0 / (1.0 + math.exp(-x)))
+        if abs(squash(bound) - squash(extreme)) >= sufficient_contrast:
+            return voxel, bound
+    return _masked_search(heatmap, valid, kind)
+
+
 def decode_heatmap(heatmap: np.ndarray, encoding: HeatmapEncoding, spacing: Sequence[float] | None = None,
                    refine: bool = True, name: str = "landmark", already_sigmoid: bool = True,
                    flat_threshold: float = 0.05, valid: np.ndarray | None = None, method: str = "extremum",
@@ -232,17 +386,21 @@ def decode_heatmap(heatmap: np.ndarray, encoding: HeatmapEncoding, spacing: Sequ
 
     ``heatmap`` holds values in [0, 1], or logits with ``already_sigmoid=False`` (the extremum is found on
     the logits, which is monotone in the value, and only the neighbourhood is passed through the sigmoid).
-    ``valid`` (boolean, broadcastable to the heatmap) excludes voxels whose values cannot be trusted.
+    ``valid`` (boolean, broadcastable to the heatmap, or an object that gives the mask of any box of the heatmap
+    by indexing, like ``inference.SlidingWindowRegion``) excludes voxels whose values cannot be trusted. The
+    extremum method makes no full-volume copy (float16 logits from nnU-Net are searched in place).
     A flat heatmap still yields a landmark (the extreme voxel), with confidence 0 and a warning.
     """
     heatmap = np.asarray(heatmap)
     spacing = np.ones(heatmap.ndim) if spacing is None else np.asarray(spacing, dtype=np.float64)
-    search = heatmap
-    if valid is not None:
-        worst = np.inf if encoding.kind == "log_distance" else -np.inf
-        search = np.where(valid, heatmap, np.asarray(worst, dtype=heatmap.dtype if heatmap.dtype.kind == "f" else float))
-    voxel = _extreme_voxel(search, encoding.kind)
+    if method not in ("extremum", "consistent"):
+        raise ValueError(f"unknown decoding method {method!r}; use 'extremum' or 'consistent'")
     if method == "consistent" and encoding.kind == "log_distance":
+        search = heatmap
+        if valid is not None:
+            search = np.where(np.asarray(valid, dtype=bool), heatmap,
+                              np.asarray(np.inf, dtype=heatmap.dtype if heatmap.dtype.kind == "f" else float))
+        voxel = _extreme_voxel(search, encoding.kind)
         # the deepest dip is not always the right one: among the deepest local minima, take the one the whole
         # distance map agrees with best
         candidates = _candidate_voxels(search, encoding.kind, candidates_to_check)
@@ -250,11 +408,10 @@ def decode_heatmap(heatmap: np.ndarray, encoding: HeatmapEncoding, spacing: Sequ
             candidates.append(voxel)
         costs = _distance_consistency(search, candidates, spacing, encoding, already_sigmoid)
         voxel = candidates[int(np.argmin(costs))]
-    elif method not in ("extremum", "consistent"):
-        raise ValueError(f"unknown decoding method {method!r}; use 'extremum' or 'consistent'")
+        far = float(np.max(search, initial=-np.inf, where=np.isfinite(search)))
+    else:
+        voxel, far = _search_extremum(heatmap, valid, encoding.kind, already_sigmoid, max(0.5, flat_threshold))
     extreme = float(heatmap[voxel])
-    far = float(np.max(search, initial=-np.inf, where=np.isfinite(search)) if encoding.kind == "log_distance"
-                else np.min(search, initial=np.inf, where=np.isfinite(search)))
     if not already_sigmoid:
         extreme, far = (1.0 / (1.0 + math.exp(-x)) for x in (extreme, far))
     contrast = abs(far - extreme)

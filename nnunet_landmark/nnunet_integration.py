@@ -1,6 +1,6 @@
 """Every place where nnunet-landmark reaches into nnU-Net internals: checked against nnunetv2 2.8.1.
 
-nnU-Net has no hooks for extra output channels, so this module adapts exactly three things, and only
+nnU-Net has no hooks for extra output channels, so this module adapts exactly these things, and only
 for landmark models (plans with a ``nnunet_landmark`` entry, see ``landmark_heads``); plain nnU-Net
 models run nnU-Net's code unchanged:
 
@@ -14,6 +14,15 @@ models run nnU-Net's code unchanged:
    the landmarks from the other K.
 3. ``nnUNetTrainer.get_dataloaders`` constructs ``nnUNetDataLoader`` by name; ``data_loader_class``
    substitutes the landmark loader while a landmark trainer builds its loaders.
+4. Landmark keypoints through augmentation (``training.keypoint_transforms``) rely on batchgeneratorsv2's
+   SpatialTransform parameter dict (``SPATIAL_TRANSFORM_PARAMETERS``), its sampling conventions (affine grid
+   about the patch centre, grid_sample with align_corners=False; crop_tensor's ``floor(centre) - patch // 2``)
+   and MirrorTransform's ``axes``; ``check_internals`` verifies them numerically on a small index ramp.
+5. The export cannot see the predictor's sliding window (``tile_step_size``, ``use_gaussian``), which decides
+   where the float16 average is reliable. The predictor hands its own ``configuration_manager`` object to
+   every export (pickled into the export workers), so the wrapped ``predict_sliding_window_return_logits``
+   records the settings on it (``record_sliding_window``) and the export reads them back
+   (``sliding_window_settings``; nnU-Net's defaults 0.5 / Gaussian where nothing was recorded).
 
 ``install()`` runs when the landmark trainer module is imported, which nnU-Net does itself when it
 resolves ``-tr nnUNetTrainerLandmark`` (for training and for prediction) before any of the patched
@@ -91,10 +100,34 @@ def adapt_predictor(predictor) -> None:
     predictor.label_manager = LandmarkLabelManager(predictor.label_manager, heads.num_landmarks)
 
 
+SLIDING_WINDOW_ATTRIBUTE = "nnunet_landmark_sliding_window"
+DEFAULT_SLIDING_WINDOW = (0.5, True)  # nnUNetPredictor's defaults, which the trainer's final validation uses
+
+
+def record_sliding_window(predictor) -> None:
+    """Note the predictor's step size and weighting on the configuration manager it hands to the export."""
+    setattr(predictor.configuration_manager, SLIDING_WINDOW_ATTRIBUTE,
+            (float(predictor.tile_step_size), bool(predictor.use_gaussian)))
+
+
+def sliding_window_settings(configuration_manager) -> tuple[float, bool]:
+    """(tile_step_size, use_gaussian) of the sliding window that predicted with this configuration manager."""
+    return tuple(getattr(configuration_manager, SLIDING_WINDOW_ATTRIBUTE, DEFAULT_SLIDING_WINDOW))
+
+
+def sliding_window_steps(image_size, patch_size, step_size: float) -> list[list[int]]:
+    """Window start positions per axis, as nnU-Net's predictor places them."""
+    from nnunetv2.inference.sliding_window_prediction import compute_steps_for_sliding_window
+
+    return compute_steps_for_sliding_window(tuple(image_size), tuple(patch_size), step_size)
+
+
 def _wrap_sliding_window(original: Callable) -> Callable:
     @functools.wraps(original)
     def predict_sliding_window_return_logits(self, input_image):
         adapt_predictor(self)
+        if isinstance(self.label_manager, LandmarkLabelManager):
+            record_sliding_window(self)
         return original(self, input_image)
 
     predict_sliding_window_return_logits._nnunet_landmark = True
@@ -119,14 +152,81 @@ def check_internals() -> None:
     source = inspect.getsource(predictor._internal_predict_sliding_window_return_logits)
     if "self.label_manager.num_segmentation_heads" not in source:
         problems.append("nnUNetPredictor no longer sizes its logits by self.label_manager.num_segmentation_heads")
+    sliding_window_sources = {
+        "_internal_get_sliding_window_slicers": ("compute_steps_for_sliding_window", "self.tile_step_size"),
+        "_internal_predict_sliding_window_return_logits": (
+            "self.use_gaussian", "sigma_scale=1. / 8", "value_scaling_factor=10", "dtype=torch.half"),
+        "predict_from_data_iterator": ("self.configuration_manager, self.plans_manager",),
+    }
+    for method, needles in sliding_window_sources.items():
+        source = inspect.getsource(getattr(predictor, method))
+        for needle in needles:
+            if needle not in source:
+                problems.append(f"nnUNetPredictor.{method} no longer contains {needle!r} (the sliding window "
+                                f"the landmark export assumes)")
+    from nnunetv2.inference import sliding_window_prediction
+    if list(inspect.signature(sliding_window_prediction.compute_steps_for_sliding_window).parameters) != \
+            ["image_size", "tile_size", "tile_step_size"]:
+        problems.append("compute_steps_for_sliding_window's parameters changed")
     if not hasattr(trainer_module, "nnUNetDataLoader") or \
             "nnUNetDataLoader(" not in inspect.getsource(trainer_module.nnUNetTrainer.get_dataloaders):
         problems.append("nnUNetTrainer.get_dataloaders no longer constructs nnUNetDataLoader by name")
+    problems += _keypoint_convention_problems()
     if problems:
         raise RuntimeError("nnunet-landmark was checked against nnunetv2 " + NNUNET_VERSION_CHECKED +
                            " and these internals it adapts have changed:\n  " + "\n  ".join(problems) +
                            "\nInstall nnunetv2==" + NNUNET_VERSION_CHECKED + " or update nnunet_landmark/"
                            "nnunet_integration.py.")
+
+
+SPATIAL_TRANSFORM_PARAMETERS = {"center_location_in_pixels", "grid", "affine", "elastic_offsets"}
+
+
+def _keypoint_convention_problems() -> list[str]:
+    """Every voxel of an index ramp holds its own index: after SpatialTransform (affine and crop-only paths) and
+    MirrorTransform, mapping the sampled indices as keypoints must give back the output voxels that hold them."""
+    import numpy as np
+    import torch
+    from batchgeneratorsv2.transforms.spatial.mirroring import MirrorTransform
+    from batchgeneratorsv2.transforms.spatial.spatial import SpatialTransform
+
+    from nnunet_landmark.training.keypoint_transforms import (LandmarkKeypoints, LandmarkMirrorTransform,
+                                                              LandmarkSpatialTransform)
+
+    shape, patch = (13, 12, 11), (7, 6, 5)
+    ramp = torch.from_numpy(np.stack(np.meshgrid(*[np.arange(n, dtype=np.float32) for n in shape], indexing="ij")))
+    inner = np.array([[3, 2, 2], [3, 3, 2], [2, 3, 3], [4, 2, 1]])  # output voxels that sample inside the ramp
+    problems = []
+    state = np.random.get_state()  # the check must not change the caller's random draws
+    with torch.no_grad():
+        try:
+            np.random.seed(0)
+            for p_affine in (1, 0):
+                stock = SpatialTransform(patch, 0, False, p_rotation=p_affine, rotation=(0.2, 0.4), p_scaling=p_affine,
+                                         scaling=(1.1, 1.1))
+                params = stock.get_parameters(image=ramp)
+                if set(params) != SPATIAL_TRANSFORM_PARAMETERS:
+                    problems.append(f"SpatialTransform.get_parameters returns {sorted(params)}, expected "
+                                    f"{sorted(SPATIAL_TRANSFORM_PARAMETERS)}")
+                    break
+                sampled = stock._apply_to_image(ramp, **params).numpy()
+                sources = sampled[(slice(None), *inner.T)].T
+                mapped = LandmarkSpatialTransform.from_transform(stock)._apply_to_keypoints(
+                    LandmarkKeypoints.in_crop(sources), **params).positions
+                if not np.allclose(mapped, inner, atol=1e-3):
+                    problems.append(f"SpatialTransform ({'affine grid' if p_affine else 'crop only'}) no longer samples "
+                                    f"where nnunet-landmark maps landmarks: {mapped.tolist()} vs {inner.tolist()}")
+            mirror = MirrorTransform((0, 1, 2))
+            params = {"axes": [0, 2]}
+            flipped = mirror._apply_to_image(ramp, **params).numpy()
+            sources = flipped[(slice(None), *inner.T)].T
+            mapped = LandmarkMirrorTransform.from_transform(mirror)._apply_to_keypoints(
+                LandmarkKeypoints.in_crop(sources), **params, spatial_shape=shape).positions
+            if not np.allclose(mapped, inner):
+                problems.append("MirrorTransform no longer flips the way nnunet-landmark mirrors landmarks")
+        finally:
+            np.random.set_state(state)
+    return problems
 
 
 def install() -> None:

@@ -1,20 +1,22 @@
-"""nnU-Net's data loader, plus a heatmap per landmark carried through augmentation as ``regression_target``.
+"""nnU-Net's data loader, plus a heatmap per landmark drawn on each augmented patch.
 
 nnU-Net 2.8.1 crops each sample and runs the transforms inside one loop of ``generate_train_batch``,
 passing only image and segmentation. We let that loop crop (with ``transforms`` unset), record the crop
-boxes it drew (``get_bbox`` is called once per sample, in order), render each sample's heatmaps on its
-crop, and then run the very same transform pipeline with ``regression_target`` added.
-
-The log-distance heatmap is 1 far from the landmark, but SpatialTransform pads with 0 wherever an
-augmented patch reaches past the crop. Heatmaps therefore travel as ``heatmap - background`` (0 far
-away) and get the background added back after the transforms.
+boxes it drew (``get_bbox`` is called once per sample, in order), and then run the same augmentation with
+the landmark positions added as ``keypoints`` (``keypoint_transforms.with_landmarks``: nnU-Net's own
+transforms and random draws; SpatialTransform and MirrorTransform also map the positions). The heatmaps are
+then rendered once, at patch size, from the mapped positions, as the same function of distance (mm in the
+preprocessed image) as before augmentation. Rendering on the enlarged crop and interpolating the heatmap
+through the spatial transform, as earlier versions did, cost more than nnU-Net's whole augmentation at
+MM-WHS scale (benchmarks/loader_scale.py).
 
 Each batch dict gains:
 
 * ``target``: the segmentation target(s) as nnU-Net makes them, followed by the heatmaps (B, K, *patch)
   as the last list element (the base ``train_step`` moves list targets to the device unchanged).
-* ``landmarks_in_crop``: (B, K, 3) landmark voxel positions in each crop before augmentation. Equal to
-  the positions in the returned patch only for pipelines without spatial transforms (validation).
+* ``landmarks_in_crop``: (B, K, 3) landmark voxel positions in each crop before augmentation (equal to the
+  positions in the patch for pipelines without spatial transforms, such as validation).
+* ``landmarks_in_patch``: (B, K, 3) landmark voxel positions in each returned (augmented) patch.
 """
 from __future__ import annotations
 
@@ -25,7 +27,8 @@ import torch
 from nnunetv2.training.dataloading.data_loader import nnUNetDataLoader
 from threadpoolctl import ThreadpoolController
 
-from nnunet_landmark.heatmap import HeatmapEncoding, render_heatmaps
+from nnunet_landmark.heatmap import HeatmapEncoding, render_heatmaps_mapped
+from nnunet_landmark.training.keypoint_transforms import LandmarkKeypoints, with_landmarks
 
 # threadpool_limits() rediscovers the loaded BLAS/OpenMP libraries on every call (~4 ms, reading /proc/self/maps):
 # 10% of a small batch. One controller per process does that once.
@@ -60,6 +63,19 @@ class nnUNetLandmarkDataLoader(nnUNetDataLoader):
         self.landmark_oversample_percent = float(landmark_oversample_percent)
         self._batch_keys: list[str] = []
         self._batch_crops: list[np.ndarray] = []
+        self._landmark_pipeline: tuple = (None, None)  # (nnU-Net pipeline, its keypoint-aware copy)
+
+    @property
+    def landmark_transforms(self):
+        """``self.transforms`` rebuilt to also map landmark keypoints (made on first use, again if replaced).
+
+        Raises ``UnsupportedTransformError`` for a transform whose effect on positions cannot be followed.
+        """
+        source, adapted = self._landmark_pipeline
+        if source is not self.transforms:
+            adapted = with_landmarks(self.transforms)
+            self._landmark_pipeline = (self.transforms, adapted)
+        return adapted
 
     def get_indices(self):
         keys = super().get_indices()
@@ -94,31 +110,31 @@ class nnUNetLandmarkDataLoader(nnUNetDataLoader):
         return batch, np.stack([self.landmarks[k] - lo for k, lo in zip(batch["keys"], self._batch_crops)])
 
     def generate_train_batch(self):
-        transforms = self.transforms
+        transforms = self.landmark_transforms
         batch, in_crop = self.crop_batch()
-        crop_shape = tuple(batch["data"].shape[2:])
-        background = np.float32(self.encoding.background)
-        heatmaps = [torch.from_numpy(render_heatmaps(crop_shape, p, self.spacing, self.encoding) - background)
-                    for p in in_crop]
-
         if transforms is None:
-            images, segs, regressions = list(batch["data"]), list(batch["target"]), heatmaps
+            images, segs = list(batch["data"]), list(batch["target"])
+            keypoints = [LandmarkKeypoints.in_crop(p) for p in in_crop]
         else:
-            images, segs, regressions = [], [], []
+            images, segs, keypoints = [], [], []
             with torch.no_grad(), _single_threaded():
-                for image, seg, heatmap in zip(batch["data"], batch["target"], heatmaps):
-                    out = transforms(image=image, segmentation=seg, regression_target=heatmap)
-                    if out.get("regression_target") is None:
-                        raise RuntimeError(f"a transform dropped the heatmaps (regression_target): every transform "
-                                           f"must implement _apply_to_regr_target or leave it alone. Pipeline: "
-                                           f"{transforms}")
+                for image, seg, positions in zip(batch["data"], batch["target"], in_crop):
+                    out = transforms(image=image, segmentation=seg, keypoints=LandmarkKeypoints.in_crop(positions))
+                    if out.get("keypoints") is None:
+                        raise RuntimeError(f"a transform dropped the heatmaps' landmark positions (keypoints): every "
+                                           f"transform must map them (_apply_to_keypoints) or leave them alone. "
+                                           f"Pipeline: {transforms}")
                     images.append(out["image"])
                     segs.append(out["segmentation"])
-                    regressions.append(out["regression_target"])
+                    keypoints.append(out["keypoints"])
         data = torch.stack(images)
         if isinstance(segs[0], list):
             target = [torch.stack([s[i] for s in segs]) for i in range(len(segs[0]))]
         else:
             target = [torch.stack(segs)]
-        target.append(torch.stack(regressions).add_(background).float())
-        return {"data": data, "target": target, "keys": batch["keys"], "landmarks_in_crop": in_crop}
+        patch_shape = tuple(data.shape[2:])
+        heatmaps = np.stack([render_heatmaps_mapped(patch_shape, k.positions, self.spacing, self.encoding, k.to_crop)
+                             for k in keypoints])
+        target.append(torch.from_numpy(heatmaps))
+        return {"data": data, "target": target, "keys": batch["keys"], "landmarks_in_crop": in_crop,
+                "landmarks_in_patch": np.stack([k.positions for k in keypoints])}

@@ -6,14 +6,13 @@ base class's; this class adds what is new:
 
 * the network gets C + K output channels (``build_network_architecture``), K = len(dataset.json
   "landmarks"); the heads are recorded in the plans so inference can rebuild the network;
-* the data loader renders a heatmap per landmark and carries it through the augmentation;
+* the data loader maps each landmark through the augmentation and renders its heatmap on the patch;
 * the loss is nnU-Net's Dice+CE on the C channels + beta * MSE on the sigmoid of the K channels;
 * the log gains the heatmap loss and a per-epoch landmark error in mm (also in progress.png);
 * the final validation also writes each case's landmarks and ``landmark_summary.json``.
 """
 from __future__ import annotations
 
-import functools
 import os
 import shutil
 import warnings
@@ -167,10 +166,15 @@ class nnUNetTrainerLandmark(nnUNetTrainer):
                                        heatmap_loss=self.heatmap_loss)
 
     def get_dataloaders(self):
-        factory = functools.partial(nnUNetLandmarkDataLoader, landmarks=self.preprocessed_landmarks,
-                                    spacing=self.configuration_manager.spacing,
-                                    encoding=self.landmark_heads.encoding,
-                                    landmark_oversample_percent=self.landmark_oversample_percent)
+        def factory(*args, **kwargs) -> nnUNetLandmarkDataLoader:
+            loader = nnUNetLandmarkDataLoader(*args, landmarks=self.preprocessed_landmarks,
+                                              spacing=self.configuration_manager.spacing,
+                                              encoding=self.landmark_heads.encoding,
+                                              landmark_oversample_percent=self.landmark_oversample_percent, **kwargs)
+            # a transform the landmarks cannot follow fails here, in the main process, not in a worker
+            loader.landmark_transforms
+            return loader
+
         with nnunet_integration.data_loader_class(factory):
             return super().get_dataloaders()
 
