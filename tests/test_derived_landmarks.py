@@ -57,9 +57,14 @@ def reference_apex(image: sitk.Image, mitral: np.ndarray) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def real_labels():
+    """The two real label maps, cropped to the heart (+3 voxels) by SimpleITK, which keeps the world positions."""
     out = {}
     for case in ("ct_train_1002", "ct_train_1005"):
         image = sitk.ReadImage(str(shared_data("mmwhs_ct_labels", f"{case}_label.nii.gz")))
+        nonzero = np.argwhere(sitk.GetArrayViewFromImage(image))
+        lo = np.maximum(nonzero.min(axis=0) - 3, 0)[::-1]
+        hi = (nonzero.max(axis=0) + 4)[::-1]
+        image = image[int(lo[0]):int(hi[0]), int(lo[1]):int(hi[1]), int(lo[2]):int(hi[2])]
         out[case] = (image, sitk.GetArrayFromImage(image), ImageGeometry.from_image(image))
     return out
 

@@ -28,7 +28,6 @@ from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
-from scipy import ndimage
 from tqdm import tqdm
 
 from nnunet_landmark.geometry import ImageGeometry
@@ -257,10 +256,6 @@ def derive_mmwhs_landmarks(label: np.ndarray, geometry: ImageGeometry,
         raise DatasetError(str(e)) from e
 
 
-def distance_to_lv_mm(point: np.ndarray, label: np.ndarray, geometry: ImageGeometry) -> float:
-    return distance_to_labels_mm(point, label, geometry, (LV_CAVITY, LV_MYOCARDIUM))
-
-
 def check_plausible(item: "CaseInput", label: np.ndarray) -> None:
     """Every landmark near the labelled heart, and near its own structure where one is known (``STRUCTURE_CHECKS``)."""
     interfaces: dict = {}
@@ -424,9 +419,12 @@ def collect_inputs(ct_train_dir: Path, sources: list[AnnotationSource], landmark
                 warn(f"skipping {item.case}: no annotation for {missing}{hints}")
                 continue
             given = [str(s.path) for s in sources] if sources else "(no -a given)"
+            derivable = [n for n in missing if n in DERIVATION_RULES]
             raise DatasetError(f"{item.case} ({item.image}): no annotation for landmark(s) {missing} in "
-                               f"{given}{hints}; pass --derive {' '.join(missing)} (--derive-apex for the apex) to "
-                               f"derive them from the labels or --skip-missing to leave the case out")
+                               f"{given}{hints}; pass "
+                               + (f"--derive {' '.join(derivable)} to derive {derivable} from the labels, or "
+                                  if derivable else "")
+                               + "--skip-missing to leave the case out")
         for name in landmark_names:
             p = item.landmarks[name]
             if not item.geometry.contains_world_point(p):
