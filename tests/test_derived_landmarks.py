@@ -110,8 +110,13 @@ def test_interface_centre_on_an_oblique_grid():
     # the voxels of 7 touching 9: z = 4, y = 3..6, x = 4..11 -> centre (x, y, z) = (7.5, 4.5, 4)
     expected = image.TransformContinuousIndexToPhysicalPoint((7.5, 4.5, 4.0))
     np.testing.assert_allclose(interface_centre(label, geometry, 7, 9), expected, atol=1e-9)
+    # touching only along an edge (a coarse grid): the voxels of 7 next to 9 across that edge
+    edge = np.where(label == 7, 7, 0)
+    edge[5, 9, 4:12] = 9  # above z = 4 and beside y = 8: shares only an edge with the 7 voxels at (4, 8, x)
+    np.testing.assert_allclose(interface_centre(edge, geometry, 7, 9),
+                               image.TransformContinuousIndexToPhysicalPoint((7.5, 8.0, 4.0)), atol=1e-9)
     apart = np.where(label == 7, 7, 0)
-    apart[7:10, 3:7, 4:12] = 9  # a gap of two slices between them
+    apart[6:10, 3:7, 4:12] = 9  # a gap of one slice between them
     with pytest.raises(LabelRuleError, match=r"^label 7 and label 9 do not touch$"):
         interface_centre(apart, geometry, 7, 9)
     with pytest.raises(LabelRuleError, match="no LA \\(label 420\\)"):
@@ -136,6 +141,11 @@ def test_phantom_landmarks_against_the_rules():
         assert distances["apex"][-1] < 1.5 * half_diagonal, (seed, distances["apex"][-1])
         assert 2.0 < distances["aortic_valve"][-1] < 13.0, (seed, distances["aortic_valve"][-1])
     assert np.mean(distances["mitral_valve"]) < 3.5 and np.mean(distances["apex"]) < 4.5, distances
+    # seed 51: the LV cavity and the aorta meet only along voxel edges (6 voxels of 5 x 5 x 6.4 mm); the rule
+    # still gives the valve, within about one voxel diagonal more than above
+    phantom = generate_phantom(51, "tiny")
+    derived = derive_mmwhs_landmarks(sitk.GetArrayFromImage(phantom.label), phantom.geometry, ["aortic_valve"])
+    assert np.linalg.norm(derived["aortic_valve"] - phantom.landmarks["aortic_valve"]) < 15.0
 
 
 def test_rules_that_cannot_apply_are_errors_naming_the_structure(real_labels):
