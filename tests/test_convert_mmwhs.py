@@ -584,6 +584,17 @@ def test_dataset_id_used_by_another_name_says_how_to_proceed(release, nnunet_dir
     assert {p: sha256(p) for p in folder.rglob("*") if p.is_file()} == before
 
 
+def test_dataset_id_used_in_preprocessed_by_another_name_is_refused(release, nnunet_dirs):
+    """nnU-Net looks an id up in nnUNet_preprocessed too, and refuses two names for one id there."""
+    root, _, _ = release
+    other = Path(nnunet_dirs["nnUNet_preprocessed"]) / "Dataset801_Other"
+    other.mkdir()
+    with pytest.raises(DatasetError, match=r"801 is already used by \['Dataset801_Other'\] in .*nnUNet_preprocessed"
+                                           r".*--name Other"):
+        convert_quiet(root / "ct_train", [root / "apex"])
+    assert os.listdir(nnunet_dirs["nnUNet_raw"]) == [] and os.listdir(other) == []
+
+
 # ------------------------------------------------------------------------------------------ existing / interrupted
 def test_existing_dataset_is_never_overwritten_without_overwrite(release, nnunet_dirs):
     root, _, _ = release
