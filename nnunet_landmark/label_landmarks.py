@@ -30,7 +30,7 @@ def _named(value: int, label_names: Mapping[int, str] | None) -> str:
 
 @dataclass(frozen=True)
 class InterfaceCentre:
-    """Centroid of the ``structure`` voxels that share a face with a ``neighbour`` voxel (e.g. a valve centre).
+    """Centroid of the voxels of ``structure`` (its largest piece) that share a face with ``neighbour`` (a valve).
 
     Where no voxel pair shares a face, pairs sharing an edge or a corner count: on a coarse grid two structures
     that touch meet only there (the aorta and LV cavity of a few 5 mm phantoms).
