@@ -275,7 +275,7 @@ def _refine_parabola(heatmap: np.ndarray, voxel: tuple[int, ...], take_log: bool
     return position
 
 
-SEARCH_SLAB_VOXELS = 1 << 20  # voxels per slab when a heatmap is searched slab by slab (memory-light)
+SEARCH_SLAB_VOXELS = 1 << 18  # voxels per slab when a heatmap is searched slab by slab (memory-light)
 _HALF_INF = 0x7C00  # float16 bit patterns: +inf; +NaN lie above it (as int16), -NaN above 0xFC00 (as uint16)
 _HALF_MINUS_ZERO = 0x8000
 

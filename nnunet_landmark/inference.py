@@ -30,6 +30,7 @@ from nnunetv2.inference import export_prediction as nnunet_export
 from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 
+from nnunet_landmark import nnunet_integration
 from nnunet_landmark.geometry import CaseGeometry
 from nnunet_landmark.heatmap import decode_heatmap
 from nnunet_landmark.landmark_files import format_landmark_rows, write_markups
@@ -44,51 +45,80 @@ HEATMAP_FOLDER = "heatmaps"
 export_segmentation_from_logits = nnunet_export.export_prediction_from_logits
 
 
-def reliable_sliding_window_region(shape, patch_size, step_size: float = 0.5,
-                                   minimum_weight: float = 1e-2) -> np.ndarray:
-    """Voxels whose sliding-window average nnU-Net computes reliably (broadcastable boolean array).
+class SlidingWindowRegion:
+    """Voxels whose sliding-window average nnU-Net computes reliably, as a mask evaluated box by box.
 
     nnU-Net 2.8.1 accumulates Gaussian-weighted logits in float16 (peak weight 10). Near the edges and
     corners of a volume only the far tails of the outermost windows contribute; there both the weighted
     logits and the weight sum are float16 subnormals and their ratio is quantised noise. Harmless for a
-    segmentation argmax, fatal for a heatmap argmin. The windows form a Cartesian grid and the Gaussian
-    is separable, so the weight sum is a product of per-axis sums; we keep voxels where it reaches
-    ``minimum_weight``. Landmarks inside the anatomy are far from those corners.
+    segmentation argmax, fatal for a heatmap argmin. The windows form a Cartesian grid (placed by the
+    predictor's ``tile_step_size``) and the Gaussian is separable, so the weight sum is a product of per-axis
+    sums; we keep voxels where it reaches ``minimum_weight``. Landmarks inside the anatomy are far from those
+    corners. Indexing (``region[box]``) gives the boolean mask of a box; the whole mask is never needed at
+    once (``np.asarray(region)`` builds it slab by slab, one byte a voxel).
     """
-    from nnunetv2.inference.sliding_window_prediction import compute_steps_for_sliding_window
 
-    shape = [int(s) for s in shape]
-    patch = [int(p) for p in patch_size]
-    padded = [max(s, p) for s, p in zip(shape, patch)]
-    steps = compute_steps_for_sliding_window(padded, patch, step_size)
-    per_axis = []
-    for axis, (n, p) in enumerate(zip(shape, patch)):
-        offset = (padded[axis] - n) // 2  # nnU-Net pads small images symmetrically
-        x = np.arange(n, dtype=np.float64) + offset
-        sigma = p / 8.0
-        weight = np.zeros(n)
-        for start in steps[axis]:
-            d = x - (start + p // 2)
-            inside = (x >= start) & (x < start + p) & (np.abs(d) <= 4 * sigma)  # gaussian_filter truncates at 4 sd
-            weight += np.where(inside, np.exp(-d * d / (2 * sigma * sigma)), 0.0)
-        view = [1] * len(shape)
-        view[axis] = n
-        per_axis.append(weight.reshape(view))
-    total = 10.0 * per_axis[0]
-    for w in per_axis[1:]:
-        total = total * w
-    return total >= minimum_weight
+    def __init__(self, shape, patch_size, step_size: float = 0.5, use_gaussian: bool = True,
+                 minimum_weight: float = 1e-2):
+        self.shape = tuple(int(s) for s in shape)
+        self.step_size, self.use_gaussian, self.minimum_weight = float(step_size), bool(use_gaussian), minimum_weight
+        patch = [int(p) for p in patch_size]
+        padded = [max(s, p) for s, p in zip(self.shape, patch)]
+        self.steps = nnunet_integration.sliding_window_steps(padded, patch, step_size)
+        self.axis_weights = []
+        for axis, (n, p) in enumerate(zip(self.shape, patch)):
+            offset = (padded[axis] - n) // 2  # nnU-Net pads small images symmetrically
+            x = np.arange(n, dtype=np.float64) + offset
+            sigma = p / 8.0
+            weight = np.zeros(n)
+            for start in self.steps[axis]:
+                d = x - (start + p // 2)
+                inside = (x >= start) & (x < start + p) & (np.abs(d) <= 4 * sigma)  # gaussian_filter truncates at 4 sd
+                weight += np.where(inside, np.exp(-d * d / (2 * sigma * sigma)), 0.0)
+            self.axis_weights.append(weight)
+
+    def __getitem__(self, box) -> np.ndarray:
+        """The mask of ``box`` (a tuple of slices and integers, as for a numpy array of ``self.shape``)."""
+        box = box if isinstance(box, tuple) else (box,)
+        box = box + (slice(None),) * (len(self.shape) - len(box))
+        parts = [w[b] for w, b in zip(self.axis_weights, box)]
+        kept = [i for i, b in enumerate(box) if not isinstance(b, (int, np.integer))]
+        if not self.use_gaussian:  # plain averages of whole windows: nothing is subnormal
+            return np.ones([parts[i].size for i in kept], dtype=bool) if kept else np.bool_(True)
+        for position, axis in enumerate(kept):
+            view = [1] * len(kept)
+            view[position] = parts[axis].size
+            parts[axis] = parts[axis].reshape(view)
+        total = 10.0 * parts[0]  # the same float64 operations, in the same order, for a box as for the volume
+        for w in parts[1:]:
+            total = total * w
+        return total >= self.minimum_weight
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        mask = np.empty(self.shape, dtype=bool)
+        for i in range(self.shape[0]):
+            mask[i] = self[i]
+        return mask if dtype is None else mask.astype(dtype)
+
+
+def reliable_sliding_window_region(shape, patch_size, step_size: float = 0.5, minimum_weight: float = 1e-2,
+                                   use_gaussian: bool = True) -> np.ndarray:
+    """The whole boolean mask of ``SlidingWindowRegion`` (one byte a voxel; decoding uses the region itself)."""
+    return np.asarray(SlidingWindowRegion(shape, patch_size, step_size, use_gaussian, minimum_weight))
 
 
 def decode_landmarks(heatmap_logits: Union[np.ndarray, torch.Tensor], properties: dict, plans_manager: PlansManager,
                      configuration_manager: ConfigurationManager, heads: LandmarkHeads, case: str = "case",
                      refine: bool = True) -> "OrderedDict[str, dict]":
     """{name: {"world": LPS mm, "index": ITK continuous index, "confidence": float}} from (K, ...) logits
-    in preprocessed space (as the sliding window returns them)."""
+    in preprocessed space (as the sliding window returns them). Only voxels the predictor's sliding window
+    (its step size, recorded by ``nnunet_integration``) averaged reliably are searched; no full-volume
+    temporaries are made."""
     if isinstance(heatmap_logits, torch.Tensor):
         heatmap_logits = heatmap_logits.detach().cpu().numpy()
     geometry = CaseGeometry.from_nnunet(properties, plans_manager.transpose_forward, configuration_manager.spacing)
-    valid = reliable_sliding_window_region(heatmap_logits.shape[1:], configuration_manager.patch_size)
+    step_size, use_gaussian = nnunet_integration.sliding_window_settings(configuration_manager)
+    valid = SlidingWindowRegion(heatmap_logits.shape[1:], configuration_manager.patch_size, step_size, use_gaussian)
     out: "OrderedDict[str, dict]" = OrderedDict()
     for name, logits in zip(heads.names, heatmap_logits):
         decoded = decode_heatmap(logits, heads.encoding, geometry.preprocessed_spacing, refine=refine,
@@ -217,7 +247,6 @@ class nnUNetLandmarkPredictor(nnUNetPredictor):
     """
 
     def __init__(self, *args, **kwargs):
-        from nnunet_landmark import nnunet_integration
         nnunet_integration.install()
         super().__init__(*args, **kwargs)
 

@@ -118,3 +118,214 @@ def test_reliable_region_excludes_the_float16_corners():
     assert np.all(total[valid] >= 1e-2 * 0.5)  # agrees with nnU-Net's weights up to Gaussian truncation
     assert total[~valid].max() < 0.05
     assert math.isclose(valid.mean(), 0.59, abs_tol=0.05)
+
+
+# ---------------------------------------------------------------------------------------------- memory-light decoding
+def whole_volume_region(shape, patch_size, step_size: float = 0.5, minimum_weight: float = 1e-2) -> np.ndarray:
+    """The reliable region as it was first computed: the float64 weight product over the whole volume."""
+    from nnunetv2.inference.sliding_window_prediction import compute_steps_for_sliding_window
+
+    padded = [max(s, p) for s, p in zip(shape, patch_size)]
+    steps = compute_steps_for_sliding_window(padded, patch_size, step_size)
+    total = np.asarray(10.0)
+    for axis, (n, p) in enumerate(zip(shape, patch_size)):
+        x = np.arange(n, dtype=np.float64) + (padded[axis] - n) // 2
+        sigma, weight = p / 8.0, np.zeros(n)
+        for start in steps[axis]:
+            d = x - (start + p // 2)
+            inside = (x >= start) & (x < start + p) & (np.abs(d) <= 4 * sigma)
+            weight += np.where(inside, np.exp(-d * d / (2 * sigma * sigma)), 0.0)
+        view = [1] * len(shape)
+        view[axis] = n
+        total = total * weight.reshape(view)
+    return total >= minimum_weight
+
+
+@pytest.mark.parametrize("step_size", [0.3, 0.5, 1.0])
+@pytest.mark.parametrize("shape, patch", [((44, 60, 60), (32, 48, 48)), ((20, 70, 33), (32, 48, 48)),
+                                          ((97, 61, 130), (40, 32, 48))], ids=["small", "padded", "several"])
+def test_region_equals_the_whole_volume_computation(shape, patch, step_size):
+    """Exactly (not within a tolerance): the same float64 products, evaluated box by box."""
+    from nnunet_landmark.inference import SlidingWindowRegion
+
+    expected = whole_volume_region(shape, patch, step_size)
+    np.testing.assert_array_equal(reliable_sliding_window_region(shape, patch, step_size), expected)
+    region = SlidingWindowRegion(shape, patch, step_size)
+    for box in [(slice(3, 9),), (slice(None, None, 4),) * 3, (5, slice(2, 40), 7), (1, 2, 3), (slice(10, 20), 3),
+                (slice(0, 1), slice(5, None, 3))]:
+        np.testing.assert_array_equal(region[box], expected[box])
+    assert not SlidingWindowRegion(shape, patch, step_size, use_gaussian=False)[:].size - expected.size
+    assert SlidingWindowRegion(shape, patch, step_size, use_gaussian=False)[:].all()
+
+
+def test_float16_extremes_without_a_copy_match_numpy():
+    """The integer views give np.argmin / np.argmax's first occurrence, or hand over to the exact search."""
+    from nnunet_landmark.heatmap import _first_extreme_index
+
+    rng = np.random.default_rng(0)
+    answered = 0
+    for trial in range(3000):
+        values = rng.normal(0, 3, size=(5, 6, 7)).astype(np.float16)
+        values = [values, np.abs(values), -np.abs(values), np.round(values)][trial % 4]
+        for every, special in [(5, 0.0), (7, -0.0), (11, np.nan), (13, np.inf), (17, -np.inf), (19, -np.nan)]:
+            if trial % every == 0:
+                values.flat[rng.integers(values.size, size=2)] = special
+        for maximum in (False, True):
+            index = _first_extreme_index(values, maximum)
+            assert index is None or index == (np.argmax(values) if maximum else np.argmin(values)), (trial, maximum)
+            answered += index is not None
+    assert answered > 4000  # the fast path answers nearly always
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+@pytest.mark.parametrize("kind", ["log_distance", "gaussian"])
+def test_decoding_in_the_region_equals_the_whole_volume_search(kind, dtype):
+    """Voxel, refined position and confidence as decoding np.where(valid, logits, worst) as one array, for clean
+    logits (fast path), float16 noise in the unreliable corners (the exact slab search) and ties."""
+    import warnings
+
+    from nnunet_landmark.heatmap import decode_heatmap
+    from nnunet_landmark.inference import SlidingWindowRegion
+
+    rng = np.random.default_rng(1)
+    encoding = HeatmapEncoding(kind)
+    worst = np.inf if kind == "log_distance" else -np.inf
+    for trial in range(24):
+        shape = tuple(int(n) for n in rng.integers(24, 70, 3))
+        spacing = rng.uniform(0.5, 2.0, 3)
+        truth = rng.uniform(0.25, 0.75, 3) * np.asarray(shape)
+        h = np.clip(render_heatmaps(shape, truth[None], spacing, encoding)[0], 1e-4, 1 - 1e-4)
+        logits = np.log(h / (1 - h)) + rng.normal(0, [0.01, 0.3, 2.0][trial % 3], shape)
+        if trial % 4 == 0:
+            logits[:3, :3] = rng.normal(0, 30, logits[:3, :3].shape)  # subnormal noise where few windows reach
+        if trial % 5 == 0:
+            logits = np.round(logits)
+        logits = logits.astype(dtype)
+        region = SlidingWindowRegion(shape, (32, 32, 32), [0.3, 0.5, 1.0][trial % 3])
+        mask = np.asarray(region)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            decoded = decode_heatmap(logits, encoding, spacing, already_sigmoid=False, valid=region)
+            reference = decode_heatmap(np.where(mask, logits, worst).astype(np.float64), encoding, spacing,
+                                       already_sigmoid=False)
+        assert decoded.voxel == reference.voxel
+        assert decoded.confidence == reference.confidence
+        around = tuple(slice(max(0, v - 2), v + 3) for v in decoded.voxel)
+        if mask[around].all():  # the reference refines on the masked array; equal where no mask is near
+            np.testing.assert_array_equal(decoded.position, reference.position)
+
+
+def test_decoding_a_large_volume_makes_no_full_volume_temporaries():
+    """Peak traced memory of decoding a 160 x 256 x 256 float16 heatmap (21 MB) in its reliable region stays
+    below one byte per voxel; the whole-volume mask alone took 9 bytes a voxel (float64 product + boolean)."""
+    import tracemalloc
+
+    from nnunet_landmark.heatmap import decode_heatmap
+    from nnunet_landmark.inference import SlidingWindowRegion
+
+    shape, spacing = (160, 256, 256), np.array([0.8, 0.8, 0.8])
+    encoding = HeatmapEncoding()
+    truth = np.array([70.3, 101.6, 150.2])
+    grids = [(np.arange(n, dtype=np.float32) - np.float32(t)) * np.float32(s) for n, t, s in zip(shape, truth, spacing)]
+    distance = np.sqrt(grids[0][:, None, None] ** 2 + grids[1][None, :, None] ** 2 + grids[2][None, None, :] ** 2)
+    h = np.clip(encoding.encode(distance), 1e-4, 1 - 1e-4)
+    logits = np.log(h / (1 - h)).astype(np.float16)
+    del grids, distance, h
+    for corner_noise in (False, True):  # the fast path, then the slab search
+        if corner_noise:
+            logits[:2, :2] = -20.0
+        region = SlidingWindowRegion(shape, (128, 128, 128), 0.5)
+        tracemalloc.start()
+        decoded = decode_heatmap(logits, encoding, spacing, already_sigmoid=False, valid=region)
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        assert np.linalg.norm(decoded.position - truth) < 0.5
+        assert peak < logits.size, f"peak {peak / 2 ** 20:.1f} MiB for {logits.size / 2 ** 20:.1f} M voxels"
+
+
+def test_tracemalloc_sees_numpy_allocations():
+    """The memory test above relies on numpy reporting its buffers to tracemalloc."""
+    import tracemalloc
+
+    tracemalloc.start()
+    block = np.ones(10 ** 7, dtype=np.uint8)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak >= block.nbytes
+
+
+# ---------------------------------------------------------------------------------------------- step size
+def tiny_landmark_predictor(tile_step_size: float, patch=(16, 24, 24)):
+    """An nnUNetLandmarkPredictor around a 1x1x1 convolution (C = 2, K = 1), as the trainer's validation sets one up."""
+    import torch
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    from nnunet_landmark.inference import nnUNetLandmarkPredictor
+
+    plans = plans_for((1.0, 1.0, 1.0), (0, 1, 2), patch)
+    LandmarkHeads(("apex",), 2, HeatmapEncoding()).write_to_plans(plans)
+    plans_manager = PlansManager(plans)
+    predictor = nnUNetLandmarkPredictor(tile_step_size=tile_step_size, use_mirroring=False,
+                                        device=torch.device("cpu"), allow_tqdm=False)
+    network = torch.nn.Conv3d(1, 3, 1)
+    predictor.manual_initialization(network, plans_manager, plans_manager.get_configuration("3d_fullres"),
+                                    [network.state_dict()], {"labels": {"background": 0, "lv": 1}, "file_ending": ".nii.gz"},
+                                    "nnUNetTrainerLandmark", None)
+    return predictor
+
+
+def nnunet_weight_sum(predictor, shape) -> np.ndarray:
+    """nnU-Net's own float16 weight sum for the windows its predictor places (the n_predictions it divides by)."""
+    import torch
+    from nnunetv2.inference.sliding_window_prediction import compute_gaussian
+
+    patch = tuple(predictor.configuration_manager.patch_size)
+    gaussian = compute_gaussian(patch, sigma_scale=1. / 8, value_scaling_factor=10, device=torch.device("cpu"))
+    total = torch.zeros(shape, dtype=torch.half)
+    for slicer in predictor._internal_get_sliding_window_slicers(shape):
+        total[slicer[1:]] += gaussian
+    return total.float().numpy()
+
+
+@pytest.mark.parametrize("step_size", [0.3, 0.5, 1.0])
+def test_the_export_uses_the_sliding_window_the_predictor_used(step_size):
+    """The wrapped sliding window records the predictor's step size on the configuration manager that nnU-Net
+    pickles into its export workers; decoding builds the reliable region of exactly those windows."""
+    import pickle
+
+    import torch
+
+    from nnunet_landmark import inference, nnunet_integration
+
+    shape = (40, 70, 58)
+    predictor = tiny_landmark_predictor(step_size)
+    assert nnunet_integration.sliding_window_settings(predictor.configuration_manager) == (0.5, True)  # default
+    logits = predictor.predict_logits_from_preprocessed_data(torch.rand((1, *shape)))
+    assert logits.shape == (3, *shape)
+    received = pickle.loads(pickle.dumps(predictor.configuration_manager))  # what an export worker receives
+    assert nnunet_integration.sliding_window_settings(received) == (step_size, True)
+    built = []
+
+    class Recorded(inference.SlidingWindowRegion):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            built.append(self)
+
+    properties = {"spacing": [1.0, 1.0, 1.0], "shape_before_cropping": shape,
+                  "bbox_used_for_cropping": [[0, n] for n in shape], "shape_after_cropping_and_before_resampling": shape,
+                  "sitk_stuff": {"spacing": (1.0, 1.0, 1.0), "origin": (0.0, 0.0, 0.0),
+                                 "direction": tuple(np.eye(3).ravel())}}
+    original = inference.SlidingWindowRegion
+    inference.SlidingWindowRegion = Recorded
+    try:
+        inference.decode_landmarks(logits[2:].numpy(), properties, predictor.plans_manager, received,
+                                   predictor.landmark_heads)
+    finally:
+        inference.SlidingWindowRegion = original
+    assert [(r.shape, r.step_size) for r in built] == [(shape, step_size)]
+    # the region follows nnU-Net's float16 weight sum for these windows: normal floats inside, tails outside
+    weights = nnunet_weight_sum(predictor, shape)
+    valid = np.asarray(built[0])
+    assert weights[valid].min() >= 0.5e-2 and weights[~valid].max() < 0.05
+    for other in {0.3, 0.5, 1.0} - {step_size}:  # another step size's region would misjudge these windows
+        assert not np.array_equal(reliable_sliding_window_region(shape, (16, 24, 24), other), valid)
