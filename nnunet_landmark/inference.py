@@ -17,7 +17,11 @@ and the point is mapped back through ``geometry`` - no resampling of the heatmap
 from __future__ import annotations
 
 import csv
+import errno
 import os
+import random
+import socket
+import time
 from collections import OrderedDict
 from contextlib import contextmanager
 from typing import Union
@@ -129,21 +133,83 @@ def decode_landmarks(heatmap_logits: Union[np.ndarray, torch.Tensor], properties
     return out
 
 
+# flock fails with these where a file system has no locking (Lustre mounted noflock, some NFS and FUSE mounts)
+NO_LOCKING_ERRNOS = {errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOLCK}
+LOCK_FILE = ".landmarks.csv.lock"
+
+
 @contextmanager
-def _locked_folder(folder: str):
-    """An exclusive lock on a folder, so export workers (and DDP ranks) can update one table in turn."""
+def _locked_folder(folder: str, timeout: float = 900.0, stale_after: float = 120.0):
+    """An exclusive lock on a folder, so export workers (and DDP ranks) can update one table in turn.
+
+    ``flock`` on the folder where the file system supports it; elsewhere (and on Windows) a lock file that
+    ``_lock_file`` creates atomically.
+    """
     try:
         import fcntl
-    except ImportError:  # Windows: no advisory locks; exports there run one table update at a time anyway
+    except ImportError:
+        fcntl = None
+    if fcntl is not None:
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError as error:
+            os.close(fd)
+            if error.errno not in NO_LOCKING_ERRNOS:
+                raise
+        else:
+            try:
+                yield
+            finally:
+                fcntl.flock(fd, fcntl.LOCK_UN)
+                os.close(fd)
+            return
+    with _lock_file(os.path.join(folder, LOCK_FILE), timeout, stale_after):
         yield
-        return
-    fd = os.open(folder, os.O_RDONLY)
+
+
+@contextmanager
+def _lock_file(path: str, timeout: float, stale_after: float):
+    """Hold ``path``, created with O_CREAT | O_EXCL (atomic on local, NFSv3+ and Lustre file systems).
+
+    A lock older than ``stale_after`` seconds is left by a process that died while holding it (a table update
+    takes milliseconds): it is renamed away, which only one waiter can do. After ``timeout`` seconds of
+    waiting, TimeoutError names the file.
+    """
+    deadline = time.monotonic() + timeout
+    delay = 0.005
+    while True:
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            break
+        except FileExistsError:
+            pass
+        try:
+            age = time.time() - os.stat(path).st_mtime
+        except FileNotFoundError:
+            continue  # released in the meantime
+        if age > stale_after:
+            stale = f"{path}.stale.{socket.gethostname()}.{os.getpid()}"
+            try:
+                os.rename(path, stale)
+                os.unlink(stale)
+            except FileNotFoundError:
+                pass
+            continue
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{path}: waited {timeout:.0f} s for another process to finish updating "
+                               f"{LANDMARK_TABLE}; if no prediction is writing to this folder, delete the file")
+        time.sleep(delay * (1.0 + random.random()))
+        delay = min(2 * delay, 0.2)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        os.write(fd, f"{socket.gethostname()} {os.getpid()}\n".encode())
+        os.close(fd)
         yield
     finally:
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        os.close(fd)
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
 
 
 def update_landmark_table(folder: str, case: str, landmarks: "OrderedDict[str, dict]") -> None:

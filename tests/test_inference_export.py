@@ -329,3 +329,76 @@ def test_the_export_uses_the_sliding_window_the_predictor_used(step_size):
     assert weights[valid].min() >= 0.5e-2 and weights[~valid].max() < 0.05
     for other in {0.3, 0.5, 1.0} - {step_size}:  # another step size's region would misjudge these windows
         assert not np.array_equal(reliable_sliding_window_region(shape, (16, 24, 24), other), valid)
+
+
+# ---------------------------------------------------------------------------------------------- table locking
+def _write_cases(folder: str, worker: int, cases: int, no_flock: bool) -> None:
+    import errno
+    import fcntl
+    from collections import OrderedDict
+
+    from nnunet_landmark.inference import update_landmark_table
+
+    if no_flock:
+        def flock(fd, operation):
+            raise OSError(errno.ENOSYS, "Function not implemented")
+        fcntl.flock = flock
+    for case in range(cases):
+        landmarks = OrderedDict((name, {"world": (worker, case, k), "index": (k, k, k), "confidence": 0.5})
+                                for k, name in enumerate(("apex", "mitral_valve")))
+        update_landmark_table(folder, f"case_{worker:02d}_{case:03d}", landmarks)
+
+
+@pytest.mark.parametrize("no_flock", [True, False], ids=["file_system_without_flock", "flock"])
+def test_concurrent_table_updates_keep_every_row(tmp_path, no_flock):
+    """Six processes (as nnU-Net's export workers) add 25 cases each to one landmarks.csv at the same time."""
+    import multiprocessing
+
+    from nnunet_landmark.inference import LOCK_FILE
+    from nnunet_landmark.landmark_files import read_landmark_table
+
+    context = multiprocessing.get_context("fork")  # the package is imported already: quick to start
+    workers = [context.Process(target=_write_cases, args=(str(tmp_path), w, 25, no_flock)) for w in range(6)]
+    for p in workers:
+        p.start()
+    for p in workers:
+        p.join(300)
+        assert p.exitcode == 0
+    rows = read_landmark_table(tmp_path / "landmarks.csv")
+    expected = sorted((f"case_{w:02d}_{c:03d}", n) for w in range(6) for c in range(25) for n in ("apex", "mitral_valve"))
+    assert sorted((r["case"], r["name"]) for r in rows) == expected
+    for r in rows:
+        worker, case = int(r["case"][5:7]), int(r["case"][8:])
+        assert (float(r["x"]), float(r["y"])) == (worker, case)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["landmarks.csv"]  # no lock or temporary file left
+    assert not (tmp_path / LOCK_FILE).exists()
+
+
+def test_lock_file_breaks_a_stale_lock_and_times_out_on_a_live_one(tmp_path, monkeypatch):
+    import errno
+    import fcntl
+    import os
+    import time
+
+    from nnunet_landmark import inference
+
+    def flock(fd, operation):
+        raise OSError(errno.EOPNOTSUPP, "Operation not supported")
+
+    monkeypatch.setattr(fcntl, "flock", flock)
+    lock = tmp_path / inference.LOCK_FILE
+    lock.write_text("node17 4242\n")
+    os.utime(lock, (time.time() - 3600, time.time() - 3600))  # left by a process that died an hour ago
+    with inference._locked_folder(str(tmp_path)):
+        assert lock.read_text().split()[1] == str(os.getpid())
+    assert not lock.exists()
+    lock.write_text("node17 4242\n")  # held right now by someone else
+    start = time.monotonic()
+    with pytest.raises(TimeoutError, match="delete the file"):
+        with inference._locked_folder(str(tmp_path), timeout=0.5):
+            pass
+    assert 0.5 <= time.monotonic() - start < 5
+    monkeypatch.setattr(fcntl, "flock", lambda fd, op: (_ for _ in ()).throw(OSError(errno.EBADF, "bad")))
+    with pytest.raises(OSError, match="bad"):  # other flock errors are not taken for "no locking here"
+        with inference._locked_folder(str(tmp_path)):
+            pass
