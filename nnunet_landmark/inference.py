@@ -234,23 +234,30 @@ def update_landmark_table(folder: str, case: str, landmarks: "OrderedDict[str, d
 def write_heatmaps_on_image_grid(heatmap_logits: np.ndarray, properties: dict, plans_manager: PlansManager,
                                  configuration_manager: ConfigurationManager, heads: LandmarkHeads,
                                  output_file_truncated: str) -> list[str]:
-    """Resample the heatmaps (values in [0, 1]) back to the original image grid, one NIfTI per landmark."""
-    probabilities = torch.sigmoid(torch.as_tensor(np.asarray(heatmap_logits, dtype=np.float32)))
+    """Resample the heatmaps (values in [0, 1]) back to the original image grid, one NIfTI per landmark.
+
+    One heatmap at a time (a 512 x 512 x 300 float32 volume is 300 MB). Values are stored at float16 precision
+    (relative 5e-4, that of nnU-Net's float16 logits): gzip then runs ~4x faster and the file is ~2.4x smaller.
+    """
     spacing_transposed = [properties["spacing"][i] for i in plans_manager.transpose_forward]
-    resampled = configuration_manager.resampling_fn_probabilities(
-        probabilities, properties["shape_after_cropping_and_before_resampling"], configuration_manager.spacing,
-        spacing_transposed)
-    resampled = np.asarray(resampled, dtype=np.float32)
-    full = np.full((resampled.shape[0], *properties["shape_before_cropping"]), heads.encoding.background, np.float32)
-    slicer = tuple([slice(None)] + [slice(lo, hi) for lo, hi in properties["bbox_used_for_cropping"]])
-    full[slicer] = resampled
-    full = full.transpose([0] + [i + 1 for i in plans_manager.transpose_backward])
+    slicer = tuple(slice(lo, hi) for lo, hi in properties["bbox_used_for_cropping"])
     folder = os.path.join(os.path.dirname(output_file_truncated), HEATMAP_FOLDER)
     os.makedirs(folder, exist_ok=True)
     stuff = properties["sitk_stuff"]
     written = []
-    for name, heatmap in zip(heads.names, full):
-        image = sitk.GetImageFromArray(np.clip(heatmap, 0, 1))
+    for name, logits in zip(heads.names, heatmap_logits):
+        probabilities = torch.sigmoid_(torch.from_numpy(np.array(logits, dtype=np.float32))).numpy()
+        resampled = configuration_manager.resampling_fn_probabilities(
+            probabilities[None], properties["shape_after_cropping_and_before_resampling"],
+            configuration_manager.spacing, spacing_transposed)
+        del probabilities
+        heatmap = np.full(properties["shape_before_cropping"], heads.encoding.background, np.float32)
+        heatmap[slicer] = resampled[0]
+        del resampled
+        np.clip(heatmap, 0, 1, out=heatmap)
+        heatmap[...] = heatmap.astype(np.float16)
+        image = sitk.GetImageFromArray(heatmap.transpose(plans_manager.transpose_backward))
+        del heatmap
         image.SetOrigin(stuff["origin"])
         image.SetSpacing(stuff["spacing"])
         image.SetDirection(stuff["direction"])

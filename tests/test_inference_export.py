@@ -402,3 +402,46 @@ def test_lock_file_breaks_a_stale_lock_and_times_out_on_a_live_one(tmp_path, mon
     with pytest.raises(OSError, match="bad"):  # other flock errors are not taken for "no locking here"
         with inference._locked_folder(str(tmp_path)):
             pass
+
+
+@pytest.mark.parametrize("resample", [False, True], ids=["no_resampling", "resampling"])
+def test_heatmap_files_hold_the_heatmaps_at_float16_precision(tmp_path, resample):
+    """One heatmap at a time on the original grid: within float16 rounding (5e-4) of resampling all at once."""
+    import torch
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    from nnunet_landmark.inference import write_heatmaps_on_image_grid
+
+    rng = np.random.default_rng(3)
+    transpose_forward, spacing = [2, 0, 1], [0.9, 0.9, 1.6]  # array (x, y, z)-like: the coarse axis goes first
+    shape_t = (20, 30, 28)
+    bbox = [[1, 19], [2, 30], [0, 25]]
+    cropped = tuple(hi - lo for lo, hi in bbox)
+    target = [1.2, 1.2, 1.2] if resample else [spacing[i] for i in transpose_forward]
+    preprocessed = tuple(int(round(n * s / t)) for n, s, t in
+                         zip(cropped, [spacing[i] for i in transpose_forward], target))
+    plans_manager = PlansManager(plans_for(target, transpose_forward, (16, 16, 16)))
+    configuration = plans_manager.get_configuration("3d_fullres")
+    heads = LandmarkHeads(("apex", "mitral_valve"), 2, HeatmapEncoding())
+    logits = rng.normal(0, 4, (2, *preprocessed)).astype(np.float16)
+    properties = {"spacing": spacing, "shape_before_cropping": shape_t, "bbox_used_for_cropping": bbox,
+                  "shape_after_cropping_and_before_resampling": cropped,
+                  "sitk_stuff": {"spacing": tuple(spacing[::-1]), "origin": (1.0, 2.0, 3.0),
+                                 "direction": tuple(np.eye(3).ravel())}}
+    written = write_heatmaps_on_image_grid(logits, properties, plans_manager, configuration, heads,
+                                           str(tmp_path / "case"))
+    # all channels at once, in float32, as the export first did
+    probabilities = torch.sigmoid(torch.as_tensor(logits.astype(np.float32)))
+    resampled = configuration.resampling_fn_probabilities(probabilities, cropped, configuration.spacing,
+                                                          [spacing[i] for i in transpose_forward])
+    full = np.full((2, *shape_t), 1.0, np.float32)
+    full[(slice(None), *[slice(lo, hi) for lo, hi in bbox])] = resampled
+    full = np.clip(full.transpose([0] + [i + 1 for i in plans_manager.transpose_backward]), 0, 1)
+    for path, expected in zip(written, full):
+        image = sitk.ReadImage(path)
+        assert image.GetSize() == expected.shape[::-1]
+        np.testing.assert_allclose(image.GetSpacing(), spacing[::-1], rtol=1e-6)
+        values = sitk.GetArrayFromImage(image)
+        assert values.dtype == np.float32 and values.min() >= 0 and values.max() <= 1
+        np.testing.assert_allclose(values, expected, rtol=0, atol=2.0 ** -11)
+        assert np.abs(values - expected).max() > 0  # rounded indeed
