@@ -16,20 +16,21 @@ for a in "$@"; do
   if [ "$a" = "--no-install" ]; then install=0; else args+=("$a"); fi
 done
 start=$(date +%s)
+PY="${PYTHON:-python3}"
 if [ "$install" = 1 ]; then
-  PYTHON="${PYTHON:-python3}"
   # --system-site-packages: a CUDA build of torch that the machine already has is kept (it matches the driver);
   # without one, pip installs torch from PyPI
-  [ -x .venv-gpu-check/bin/python ] || "$PYTHON" -m venv --system-site-packages .venv-gpu-check
+  [ -x .venv-gpu-check/bin/python ] || "$PY" -m venv --system-site-packages .venv-gpu-check
   . .venv-gpu-check/bin/activate
   python -m pip install --quiet --upgrade pip
   python -m pip install --quiet .
   echo "installed in $(( $(date +%s) - start )) s"
+  PY=python
 fi
-python -c "import torch, torchvision; print('torch', torch.__version__, 'torchvision', torchvision.__version__, \
+"$PY" -c "import torch, torchvision; print('torch', torch.__version__, 'torchvision', torchvision.__version__, \
 'CUDA', torch.version.cuda, 'GPU', torch.cuda.is_available() and torch.cuda.get_device_name(0))"
 set +e
-python benchmarks/gpu_check.py ${args[@]+"${args[@]}"}
+"$PY" benchmarks/gpu_check.py ${args[@]+"${args[@]}"}
 status=$?
 set -e
 echo "gpu_check finished in $(( $(date +%s) - start )) s with exit status $status"
