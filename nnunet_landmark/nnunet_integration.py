@@ -171,6 +171,12 @@ def check_internals() -> None:
     if not hasattr(trainer_module, "nnUNetDataLoader") or \
             "nnUNetDataLoader(" not in inspect.getsource(trainer_module.nnUNetTrainer.get_dataloaders):
         problems.append("nnUNetTrainer.get_dataloaders no longer constructs nnUNetDataLoader by name")
+    from nnunetv2.training.dataloading.data_loader import nnUNetDataLoader
+    loop = inspect.getsource(nnUNetDataLoader.generate_train_batch)
+    transforms_call = "self.transforms(**{'image': data_cropped, 'segmentation': seg_cropped})"
+    if not (0 <= loop.find("self.get_bbox(") < loop.find(transforms_call)):
+        problems.append("nnUNetDataLoader.generate_train_batch no longer calls get_bbox and then "
+                        "self.transforms(image=..., segmentation=...) per sample (the landmark loader hooks both)")
     problems += _keypoint_convention_problems()
     if problems:
         raise RuntimeError("nnunet-landmark was checked against nnunetv2 " + NNUNET_VERSION_CHECKED +

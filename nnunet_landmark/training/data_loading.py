@@ -1,12 +1,13 @@
 """nnU-Net's data loader, plus a heatmap per landmark drawn on each augmented patch.
 
 nnU-Net 2.8.1 crops each sample and runs the transforms inside one loop of ``generate_train_batch``,
-passing only image and segmentation. We let that loop crop (with ``transforms`` unset), record the crop
-boxes it drew (``get_bbox`` is called once per sample, in order), and then run the same augmentation with
-the landmark positions added as ``keypoints`` (``keypoint_transforms.with_landmarks``: nnU-Net's own
-transforms and random draws; SpatialTransform and MirrorTransform also map the positions). The heatmaps are
-then rendered once, at patch size, from the mapped positions, as the same function of distance (mm in the
-preprocessed image) as before augmentation. Rendering on the enlarged crop and interpolating the heatmap
+passing only image and segmentation. We record the crop boxes that loop draws (``get_bbox`` is called once
+per sample, in order) and let it call, in place of its transforms, the same augmentation with the landmark
+positions in the crop added as ``keypoints`` (``keypoint_transforms.with_landmarks``: nnU-Net's own
+transforms; SpatialTransform and MirrorTransform also map the positions). So the loader draws exactly the
+random numbers plain nnU-Net draws, in the same order. The heatmaps are then rendered once, at patch size,
+from the mapped positions, as the same function of distance (mm in the preprocessed image) as before
+augmentation. Rendering on the enlarged crop and interpolating the heatmap
 through the spatial transform, as earlier versions did, cost more than nnU-Net's whole augmentation at
 MM-WHS scale (benchmarks/loader_scale.py).
 
@@ -110,31 +111,37 @@ class nnUNetLandmarkDataLoader(nnUNetDataLoader):
         return batch, np.stack([self.landmarks[k] - lo for k, lo in zip(batch["keys"], self._batch_crops)])
 
     def generate_train_batch(self):
-        transforms = self.landmark_transforms
-        batch, in_crop = self.crop_batch()
-        if transforms is None:
-            images, segs = list(batch["data"]), list(batch["target"])
-            keypoints = [LandmarkKeypoints.in_crop(p) for p in in_crop]
-        else:
-            images, segs, keypoints = [], [], []
-            with torch.no_grad(), _single_threaded():
-                for image, seg, positions in zip(batch["data"], batch["target"], in_crop):
-                    out = transforms(image=image, segmentation=seg, keypoints=LandmarkKeypoints.in_crop(positions))
-                    if out.get("keypoints") is None:
-                        raise RuntimeError(f"a transform dropped the heatmaps' landmark positions (keypoints): every "
-                                           f"transform must map them (_apply_to_keypoints) or leave them alone. "
-                                           f"Pipeline: {transforms}")
-                    images.append(out["image"])
-                    segs.append(out["segmentation"])
-                    keypoints.append(out["keypoints"])
-        data = torch.stack(images)
-        if isinstance(segs[0], list):
-            target = [torch.stack([s[i] for s in segs]) for i in range(len(segs[0]))]
-        else:
-            target = [torch.stack(segs)]
-        patch_shape = tuple(data.shape[2:])
-        heatmaps = np.stack([render_heatmaps_mapped(patch_shape, k.positions, self.spacing, self.encoding, k.to_crop)
-                             for k in keypoints])
-        target.append(torch.from_numpy(heatmaps))
-        return {"data": data, "target": target, "keys": batch["keys"], "landmarks_in_crop": in_crop,
+        pipeline = self.landmark_transforms
+        keypoints: list[LandmarkKeypoints] = []
+
+        def transforms_with_keypoints(**sample) -> dict:
+            # nnU-Net's loop calls this once per sample, right after get_bbox drew that sample's crop
+            j = len(self._batch_crops) - 1
+            if j != len(keypoints):
+                raise RuntimeError("crop boxes and samples are out of step: nnU-Net's data loader no longer calls "
+                                   "get_bbox, then the transforms, once per sample (checked against nnunetv2 2.8.1)")
+            sample["keypoints"] = LandmarkKeypoints.in_crop(self.landmarks[self._batch_keys[j]] - self._batch_crops[j])
+            out = sample if pipeline is None else pipeline(**sample)
+            if out.get("keypoints") is None:
+                raise RuntimeError(f"a transform dropped the heatmaps' landmark positions (keypoints): every "
+                                   f"transform must map them (_apply_to_keypoints) or leave them alone. "
+                                   f"Pipeline: {pipeline}")
+            keypoints.append(out.pop("keypoints"))
+            return out
+
+        # nnU-Net's own loop crops, augments and collates, with the same random draws as plain nnU-Net
+        transforms, self.transforms = self.transforms, transforms_with_keypoints
+        try:
+            batch = super().generate_train_batch()
+        finally:
+            self.transforms = transforms
+        if len(keypoints) != len(batch["keys"]):
+            raise RuntimeError("nnU-Net's data loader did not transform every sample once (checked against nnunetv2 "
+                               "2.8.1)")
+        target = list(batch["target"]) if isinstance(batch["target"], list) else [batch["target"]]
+        patch_shape = tuple(batch["data"].shape[2:])
+        target.append(torch.from_numpy(np.stack([
+            render_heatmaps_mapped(patch_shape, k.positions, self.spacing, self.encoding, k.to_crop) for k in keypoints])))
+        in_crop = np.stack([self.landmarks[k] - lo for k, lo in zip(batch["keys"], self._batch_crops)])
+        return {"data": batch["data"], "target": target, "keys": batch["keys"], "landmarks_in_crop": in_crop,
                 "landmarks_in_patch": np.stack([k.positions for k in keypoints])}
