@@ -38,6 +38,8 @@ SETUPS = {
     "cpu": ("3d_cpu", "nnUNetTrainerLandmark_cpu_learn", "nnUNetTrainer_cpu_learn"),
     "cuda": ("3d_fullres", "nnUNetTrainerLandmark_100epochs", "nnUNetTrainer_100epochs"),
 }
+# --budget smoke: the same pipeline with the 2 x 5-iteration trainers, to check that it runs (it learns nothing)
+SMOKE_TRAINERS = ("nnUNetTrainerLandmark_cpu_smoke", "nnUNetTrainer_cpu_smoke")
 
 
 class Step:
@@ -125,7 +127,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--folds", type=int, default=5, help="cross-validation folds written by the converter")
     parser.add_argument("--fold", type=int, default=0, help="fold to train (default 0)")
     parser.add_argument("--seed", type=int, default=2026)
+    parser.add_argument("--budget", default="full", choices=("full", "smoke"),
+                        help="full (default): the training budget above; smoke: every step the same, but both models "
+                             "train 2 x 5 iterations (nnUNetTrainer*_cpu_smoke): checks that the pipeline runs, in "
+                             "a few minutes, and learns nothing")
     args = parser.parse_args(argv)
+    if args.cases < 2 * args.folds or args.test_cases < 2:
+        parser.error(f"--cases must be at least twice --folds (2 held-out cases per fold for a standard deviation) "
+                     f"and --test_cases at least 2; got --cases {args.cases} --folds {args.folds} "
+                     f"--test_cases {args.test_cases}")
 
     from nnunet_landmark.cpu_plans import add_small_configuration
     from nnunet_landmark.evaluation.compare import compare_to_plain
@@ -143,6 +153,8 @@ def main(argv: list[str] | None = None) -> None:
                                               else os.environ.get("nnUNet_n_proc_DA", "8")),
            "nnUNet_def_n_proc": os.environ.get("nnUNet_def_n_proc", "2")}
     configuration, landmark_trainer, plain_trainer = SETUPS[args.device]
+    if args.budget == "smoke":
+        landmark_trainer, plain_trainer = SMOKE_TRAINERS
     # ~3.4 mm voxels on a CPU: the resolution at which 2000 iterations localise the apex well (4.9 mm on unseen
     # phantoms in the learning test, against 12.9 mm for the mean position)
     size = (64, 64, 48) if args.device == "cpu" else "small"
@@ -190,8 +202,11 @@ def main(argv: list[str] | None = None) -> None:
     predictions = {}
     for trainer in (landmark_trainer, plain_trainer):
         predictions[trainer] = out / f"predictions_{trainer}"
+        # the smoke trainers keep nnU-Net's test-time mirroring, the CPU learning budget has none: predict alike
+        no_tta = ["--disable_tta"] if args.budget == "smoke" else []
         run(["nnUNetv2_predict", "-i", str(inputs), "-o", str(predictions[trainer]), "-d", str(DATASET_ID), "-c",
-             configuration, "-f", str(args.fold), "-tr", trainer, "-p", PLANS, "-device", args.device], env, log)
+             configuration, "-f", str(args.fold), "-tr", trainer, "-p", PLANS, "-device", args.device, *no_tta],
+            env, log)
 
     step("Evaluation: cross-validation fold and unseen test set, against plain nnU-Net and the baselines")
     os.environ.update(env)

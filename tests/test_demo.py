@@ -1,0 +1,91 @@
+"""nnUNetv2_landmark_demo, the README's first command, end to end on a smoke budget.
+
+Every step is the demo's own (phantoms, nnUNetv2_convert_MMWHS, plan and preprocess, nnUNetv2_train of both
+models, nnUNetv2_predict, evaluation, report); ``--budget smoke`` only swaps in the 2 x 5-iteration trainers and
+``--cases`` / ``--test_cases`` / ``--folds`` make the data small. The models learn nothing here, so the test checks
+that the report's numbers are there, finite, and the ones the prediction files give, not that they are good
+(test_learning.py does that).
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from conftest import run_cli
+from nnunet_landmark.evaluation.metrics import dice
+from nnunet_landmark.landmark_files import read_landmark_csv, read_markups
+
+pytestmark = pytest.mark.slow
+
+NUMBER = r"[-+]?(?:\d+\.\d*|\.\d+|\d+|nan|inf)"
+LANDMARK_TRAINER, PLAIN_TRAINER = "nnUNetTrainerLandmark_cpu_smoke", "nnUNetTrainer_cpu_smoke"
+
+
+def test_demo_runs_the_whole_workflow_and_reports_finite_numbers(tmp_path):
+    out = tmp_path / "demo_output"
+    env = {"nnUNet_n_proc_DA": "2", "nnUNet_def_n_proc": "2", "nnUNet_compile": "0"}
+    result = run_cli(["nnUNetv2_landmark_demo", "-o", str(out), "-device", "cpu", "--budget", "smoke",
+                      "--cases", "6", "--folds", "3", "--test_cases", "2"], env, timeout=1500)
+
+    # the closing line: LV Dice, apex error, both baselines
+    done = re.search(rf"Unseen phantoms: LV Dice ({NUMBER}), apex error ({NUMBER}) mm \(mean-position baseline "
+                     rf"({NUMBER}) mm, geometric tip ({NUMBER}) mm\)", result.stdout)
+    assert done, result.stdout[-3000:]
+    lv_dice, apex_error, mean_position, tip = (float(v) for v in done.groups())
+    assert all(math.isfinite(v) for v in (lv_dice, apex_error, mean_position, tip)), done.group(0)
+
+    # the per-case numbers behind it are those of the prediction files against the unseen phantoms' truth
+    truth = read_landmark_csv(out / "unseen_phantoms" / "landmarks.csv")
+    assert len(truth) == 2
+    rows = json.loads((out / "report" / "test_set.json").read_text())
+    assert set(rows) == {LANDMARK_TRAINER, PLAIN_TRAINER}
+    for trainer, trainer_rows in rows.items():
+        assert [r["case"] for r in trainer_rows] == list(truth)
+        for row in trainer_rows:
+            predicted = sitk.GetArrayFromImage(sitk.ReadImage(str(out / f"predictions_{trainer}" / f"{row['case']}.nii.gz")))
+            label = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "unseen_phantoms" / "ct_train" /
+                                                              f"{row['case']}_label.nii.gz")))
+            assert row["dice"] == pytest.approx(dice(label == 500, predicted == 1), abs=1e-9)
+            for key in ("error_tip_mm", "error_mean_position_mm"):
+                assert math.isfinite(row[key]) and row[key] >= 0, (trainer, row)
+    for row in rows[LANDMARK_TRAINER]:
+        markups = read_markups(out / f"predictions_{LANDMARK_TRAINER}" / f"{row['case']}.mrk.json")
+        assert row["error_model_mm"] == pytest.approx(
+            float(np.linalg.norm(markups["apex"] - truth[row["case"]]["apex"])), abs=1e-9)
+    assert all("error_model_mm" not in row for row in rows[PLAIN_TRAINER])  # the plain model has no landmarks
+    landmark_rows = rows[LANDMARK_TRAINER]
+    assert lv_dice == pytest.approx(np.mean([r["dice"] for r in landmark_rows]), abs=6e-4)
+    assert apex_error == pytest.approx(np.mean([r["error_model_mm"] for r in landmark_rows]), abs=6e-3)
+    assert mean_position == pytest.approx(np.mean([r["error_mean_position_mm"] for r in landmark_rows]), abs=6e-3)
+    assert tip == pytest.approx(np.mean([r["error_tip_mm"] for r in landmark_rows]), abs=6e-3)
+
+    # report.md: the unseen test set's table, the cross-validation fold's headline, every figure it links
+    report = out / "report" / "report.md"
+    text = report.read_text()
+    assert "## Unseen test set (2 phantoms, `nnUNetv2_predict`)" in text
+    assert "## Cross-validation fold: headline" in text
+    table = text[text.index("## Unseen test set"):text.index("## Cross-validation fold: headline")]
+    summary_rows = [line for line in table.splitlines() if line.startswith("| LV Dice") or line.startswith("| apex")]
+    assert len(summary_rows) == 6, table
+    for line in summary_rows:
+        values = [float(v) for v in re.findall(NUMBER, line.split("|")[2])]
+        assert len(values) == 4 and all(math.isfinite(v) for v in values), line  # mean, SD, median, max
+    case_rows = [line for line in table.splitlines() if line.startswith("| ct_train_")]
+    assert [line.split("|")[1].strip() for line in case_rows] == list(truth)
+    for line in case_rows:
+        values = [float(v) for cell in line.split("|")[2:-1] for v in re.findall(NUMBER, cell)]
+        assert len(values) == 6 and all(math.isfinite(v) for v in values), line
+    links = [line[line.index("](") + 2:-1] for line in text.splitlines() if line.startswith("![")]
+    assert links and all((report.parent / link).is_file() for link in links), links
+    # the cross-validation fold: both held-out cases with a finite Dice and landmark error
+    validation = out / "nnUNet_results" / "Dataset850_MMWHSPhantoms" / \
+        f"{LANDMARK_TRAINER}__nnUNetResEncUNetMPlans__3d_cpu" / "fold_0" / "validation"
+    summary = json.loads((validation / "landmark_summary.json").read_text())
+    assert len(summary["per_case"]) == 2
+    assert all(math.isfinite(v) for case in summary["per_case"].values() for v in case.values())
