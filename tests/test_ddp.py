@@ -5,8 +5,9 @@ is checked here, once, in two processes started like nnU-Net's ``mp.spawn`` in r
 interpreters, so the ``.pth`` start hook runs again):
 
 * gradients: the landmark network (C + K channels, deep supervision) with the loss built by
-  ``nnUNetTrainerLandmark._build_loss`` under DDP -- each rank 2 of 4 samples, DistributedDataParallel
-  averaging -- equal the single-process gradients of the full batch, for batch_dice True and False; the
+  ``_build_loss`` of a real ``nnUNetTrainerLandmark`` constructed in each rank (its own __init__ sees the
+  process group and sets the heatmap loss weight and deep supervision) -- each rank 2 of 4 samples,
+  DistributedDataParallel averaging -- equal the single-process gradients of the full batch, for batch_dice True and False; the
   all-gathered Dice term is the same on both ranks; every parameter gets a gradient (the 1e-6
   lowest deep-supervision weight), so DDP with find_unused_parameters=False does not complain;
 * trainer lookup: in each rank ``recursive_find_trainer_class_by_name`` finds our class in its one
@@ -18,6 +19,7 @@ The ranks run once for the whole module (a module fixture); the tests assert on 
 """
 from __future__ import annotations
 
+import copy
 import importlib
 import os
 import pickle
@@ -72,25 +74,18 @@ def _plans(batch_dice: bool) -> dict:
     return plans
 
 
-def _trainer_standin(plans: dict, is_ddp: bool):
-    """An nnUNetTrainerLandmark with just what ``_build_loss`` reads (its __init__ forces CUDA under DDP)."""
-    from nnunet_landmark.landmark_heads import LandmarkHeads
+def _trainer(plans: dict):
+    """The real nnUNetTrainerLandmark, built by its own __init__: under DDP where a process group is up (then
+    nnU-Net's __init__ picks cuda:<rank>; these checks run on the CPU, so the device is set back), with the
+    landmark heads ``initialize()`` makes first. Its loss settings are the trainer's, not this test's."""
     from nnunet_landmark.training.trainers import nnUNetTrainerLandmark
-    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
-    plans_manager = PlansManager(plans)
-    trainer = object.__new__(nnUNetTrainerLandmark)
-    trainer.is_ddp = is_ddp
+    dataset_json = {"channel_names": {"0": "CT"}, "labels": LABELS, "landmarks": list(LANDMARKS),
+                    "numTraining": BATCH, "file_ending": ".nii.gz"}
+    trainer = nnUNetTrainerLandmark({**copy.deepcopy(plans), "continue_training": False}, "3d_cpu", 0, dataset_json,
+                                    torch.device("cpu"))
     trainer.device = torch.device("cpu")
-    trainer.enable_deep_supervision = True
-    trainer.plans_manager = plans_manager
-    trainer.configuration_manager = plans_manager.get_configuration("3d_cpu")
-    trainer.label_manager = plans_manager.get_label_manager({"labels": LABELS})
-    trainer.landmark_heads = LandmarkHeads.from_plans(plans)
-    trainer.heatmap_loss_weight = 10.0
-    trainer.heatmap_loss = "mse"
-    trainer.heatmap_deep_supervision = True  # the heatmap MSE rides on the same deep-supervision weights
-    trainer.print_to_log_file = lambda *args, **kwargs: None  # _do_i_compile may log (nnUNet_compile set)
+    trainer.landmark_heads = trainer._make_landmark_heads()
     return trainer
 
 
@@ -190,7 +185,8 @@ def _check_gradients(rank: int, setup: dict) -> dict:
     results = {}
     for batch_dice in (True, False):
         plans = _plans(batch_dice)
-        loss = _trainer_standin(plans, is_ddp=True)._build_loss()
+        trainer = _trainer(plans)
+        loss = trainer._build_loss()
         network = DistributedDataParallel(_network(plans, setup["state_dict"]))  # find_unused_parameters=False
         step = _forward_backward(network, loss, data, target)
         # a second step: DDP raises here if the first left a parameter without gradient
@@ -199,7 +195,7 @@ def _check_gradients(rank: int, setup: dict) -> dict:
             (a is None and b is None) or (a is not None and b is not None and torch.equal(a, b))
             for a, b in zip(step["grads"].values(), second["grads"].values()))
         dc = loss.segmentation_loss.loss.dc
-        step["structure"] = {"dice_class": type(dc).__name__, "dice_ddp": dc.ddp, "batch_dice": dc.batch_dice,
+        step["structure"] = {"trainer_is_ddp": trainer.is_ddp, "dice_class": type(dc).__name__, "dice_ddp": dc.ddp, "batch_dice": dc.batch_dice,
                              "do_bg": dc.do_bg, "weights": list(loss.segmentation_loss.weight_factors),
                              "num_segmentation_channels": loss.num_segmentation_channels,
                              "heatmap_weight": loss.heatmap_weight,
@@ -292,47 +288,54 @@ def ddp(tmp_path_factory):
         "from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer\n\n\n"
         "class MyLabTrainer(nnUNetTrainer):\n    pass\n")
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # faster for these small float64 convolutions than 2 threads
-    torch.manual_seed(0)
-    network = _network(_plans(True))
-    with torch.no_grad():  # away from the initialisation, whose zeroed residual-block norms block gradients
-        for parameter in network.parameters():
-            parameter.add_(0.05 * torch.randn_like(parameter))
-    state_dict = network.state_dict()
-    data, target = _batch()
-    torch.save({"state_dict": state_dict, "data": data, "target": target}, workdir / "setup.pt")
-    references = {}
-    for batch_dice in (True, False):
-        plans = _plans(batch_dice)
-        # the DDP loss (same deep-supervision weights, incl. the 1e-6) without the cross-rank gather: the full batch
-        loss = _trainer_standin(plans, is_ddp=True)._build_loss()
-        loss.segmentation_loss.loss.dc.ddp = False
-        references[batch_dice] = _forward_backward(_network(plans, state_dict), loss, data, target)
-        single = _trainer_standin(plans, is_ddp=False)._build_loss()
-        references[batch_dice]["structure"] = {"dice_ddp": single.segmentation_loss.loss.dc.ddp,
-                                               "weights": list(single.segmentation_loss.weight_factors)}
-    torch.set_num_threads(threads)
+    with pytest.MonkeyPatch.context() as results_env:
+        # the real trainers write their training log where nnU-Net puts results (the ranks inherit this)
+        results_env.setenv("nnUNet_results", str(workdir / "nnUNet_results"))
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # faster for these small float64 convolutions than 2 threads
+        torch.manual_seed(0)
+        network = _network(_plans(True))
+        with torch.no_grad():  # away from the initialisation, whose zeroed residual-block norms block gradients
+            for parameter in network.parameters():
+                parameter.add_(0.05 * torch.randn_like(parameter))
+        state_dict = network.state_dict()
+        data, target = _batch()
+        torch.save({"state_dict": state_dict, "data": data, "target": target}, workdir / "setup.pt")
+        references = {}
+        for batch_dice in (True, False):
+            plans = _plans(batch_dice)
+            # the DDP loss (same deep-supervision weights, incl. the 1e-6) without the cross-rank gather: the full batch
+            reference_trainer = _trainer(plans)
+            reference_trainer.is_ddp = True
+            loss = reference_trainer._build_loss()
+            loss.segmentation_loss.loss.dc.ddp = False
+            references[batch_dice] = _forward_backward(_network(plans, state_dict), loss, data, target)
+            single_trainer = _trainer(plans)
+            single = single_trainer._build_loss()
+            references[batch_dice]["structure"] = {"trainer_is_ddp": single_trainer.is_ddp,
+                                                   "dice_ddp": single.segmentation_loss.loss.dc.ddp,
+                                                   "weights": list(single.segmentation_loss.weight_factors)}
+        torch.set_num_threads(threads)
 
-    started = time.monotonic()
-    with pytest.MonkeyPatch.context() as mp:
-        # what a user may have set in the shell; the ranks' start hook must append to it, not replace it
-        mp.setenv("nnUNet_extTrainer", str(user_folder))
-        mp.setenv("OMP_NUM_THREADS", "1")
-        mp.delenv("nnUNet_compile", raising=False)
-        mp.delenv("nnUNet_wandb_enabled", raising=False)
-        context = torch.multiprocessing.spawn(_rank, args=(_free_port(), str(workdir), str(user_folder)),
-                                              nprocs=WORLD_SIZE, join=False)
-    try:
-        while not context.join(timeout=2):
-            if time.monotonic() - started > RANK_TIMEOUT_S:
-                raise TimeoutError(f"the ranks did not finish within {RANK_TIMEOUT_S} s")
-    except BaseException as e:
-        for process in context.processes:
-            if process.is_alive():
-                process.kill()
-        pytest.fail(f"spawned ranks failed: {e}")
-    ranks = [torch.load(workdir / f"rank{r}.pt", weights_only=False) for r in range(WORLD_SIZE)]
+        started = time.monotonic()
+        with pytest.MonkeyPatch.context() as mp:
+            # what a user may have set in the shell; the ranks' start hook must append to it, not replace it
+            mp.setenv("nnUNet_extTrainer", str(user_folder))
+            mp.setenv("OMP_NUM_THREADS", "1")
+            mp.delenv("nnUNet_compile", raising=False)
+            mp.delenv("nnUNet_wandb_enabled", raising=False)
+            context = torch.multiprocessing.spawn(_rank, args=(_free_port(), str(workdir), str(user_folder)),
+                                                  nprocs=WORLD_SIZE, join=False)
+        try:
+            while not context.join(timeout=2):
+                if time.monotonic() - started > RANK_TIMEOUT_S:
+                    raise TimeoutError(f"the ranks did not finish within {RANK_TIMEOUT_S} s")
+        except BaseException as e:
+            for process in context.processes:
+                if process.is_alive():
+                    process.kill()
+            pytest.fail(f"spawned ranks failed: {e}")
+        ranks = [torch.load(workdir / f"rank{r}.pt", weights_only=False) for r in range(WORLD_SIZE)]
     return {"references": references, "ranks": ranks, "user_folder": str(user_folder),
             "seconds": time.monotonic() - started}
 
@@ -412,7 +415,8 @@ def test_every_parameter_gets_a_gradient_under_ddp(ddp):
     for batch_dice in (True, False):
         for result in results:
             step = result[batch_dice]
-            assert step["structure"] == {"dice_class": "MemoryEfficientSoftDiceLoss", "dice_ddp": True,
+            assert step["structure"] == {"trainer_is_ddp": True, "dice_class": "MemoryEfficientSoftDiceLoss",
+                                         "dice_ddp": True,
                                          "batch_dice": batch_dice, "do_bg": False,
                                          "weights": pytest.approx(list(_nnunet_ds_weights(True)), rel=1e-12),
                                          "num_segmentation_channels": len(LABELS), "heatmap_weight": 10.0,
@@ -422,7 +426,7 @@ def test_every_parameter_gets_a_gradient_under_ddp(ddp):
             lowest = [g for n, g in step["grads"].items() if n.startswith("decoder.seg_layers.2.")]
             assert len(lowest) == 2 and all(float(g.abs().max()) > 0 for g in lowest)
         single = ddp["references"][batch_dice]["structure"]
-        assert single["dice_ddp"] is False
+        assert single["trainer_is_ddp"] is False and single["dice_ddp"] is False
         assert single["weights"] == pytest.approx(list(_nnunet_ds_weights(False)), rel=1e-12)
     for result in results:
         error = result[True]["weight_zero_error"]
