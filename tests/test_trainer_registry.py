@@ -1,0 +1,115 @@
+"""Every trainer the package defines is found by nnU-Net's lookup and builds on a real (tiny) dataset.
+
+The trainers are enumerated from ``nnunet_landmark.training.trainers`` (every nnUNetTrainer subclass defined
+there), so a trainer added later is covered without touching this file. Each is looked up by name as
+``nnUNetv2_train -tr NAME`` does, constructed on the session's ``smoke_dataset`` (conftest.py) and initialised
+(network, optimizer, loss, landmarks); what its name promises (epochs, beta, Gaussian, Adam, CPU budget) is
+checked against what it built.
+"""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import CONFIG, PLANS
+
+pytestmark = pytest.mark.slow
+
+
+def defined_trainers() -> dict[str, type]:
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+    from nnunet_landmark.training import trainers
+    return {name: value for name, value in vars(trainers).items()
+            if isinstance(value, type) and issubclass(value, nnUNetTrainer) and value.__module__ == trainers.__name__}
+
+
+def test_every_trainer_is_exported_for_the_lookup():
+    from nnunet_landmark.training import trainers
+    found = defined_trainers()
+    assert "nnUNetTrainerLandmark" in found and len(found) >= 15
+    assert sorted(trainers.__all__) == sorted(found)  # what the lookup's ``import *`` re-exports
+
+
+def test_every_trainer_is_found_by_nnunet_and_builds(smoke_dataset, tmp_path, monkeypatch):
+    from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
+
+    from nnunet_landmark.training.trainers import nnUNetTrainerLandmark
+
+    env = smoke_dataset["env"]
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setenv("nnUNet_results", str(tmp_path / "results"))  # the session's trained models stay untouched
+    pre = Path(env["nnUNet_preprocessed"]) / smoke_dataset["dataset"]
+    plans = json.loads((pre / f"{PLANS}.json").read_text())
+    dataset_json = json.loads((pre / "dataset.json").read_text())
+    num_landmarks = len(smoke_dataset["landmarks"])
+    trainers = defined_trainers()
+    optimizers = {}
+    for name, cls in sorted(trainers.items()):
+        found = recursive_find_trainer_class_by_name(name)
+        assert found is cls, f"nnU-Net's lookup of {name} gave {found}"
+        trainer = found({**json.loads(json.dumps(plans)), "continue_training": False}, CONFIG, 0, dataset_json,
+                        torch.device("cpu"))
+        trainer.initialize()
+        optimizers[name] = (type(trainer.optimizer), trainer.initial_lr)
+        is_landmark = isinstance(trainer, nnUNetTrainerLandmark)
+        output = trainer.network(torch.zeros(1, 1, *trainer.configuration_manager.patch_size))[0]
+        assert output.shape[1] == 2 + (num_landmarks if is_landmark else 0), name
+        if is_landmark:
+            assert list(trainer.landmark_heads.names) == smoke_dataset["landmarks"], name
+            expected_encoding = "gaussian" if "Gaussian" in name else "log_distance"
+            assert trainer.landmark_heads.encoding.kind == expected_encoding, name
+            assert trainer.loss.heatmap_weight == trainer.heatmap_loss_weight, name
+            beta = re.search(r"_beta(\d+)", name)
+            if beta:
+                assert trainer.heatmap_loss_weight == float(beta.group(1)), name
+        epochs = re.search(r"_(\d+)epochs?$", name)
+        if epochs:
+            assert trainer.num_epochs == int(epochs.group(1)), name
+        if "Adam" in name:
+            assert isinstance(trainer.optimizer, torch.optim.Adam), name
+        if "1en3" in name:
+            assert trainer.initial_lr == pytest.approx(1e-3), name
+        budget = re.search(r"_cpu_(smoke|learn)$", name)
+        if budget:
+            total = trainer.num_epochs * trainer.num_iterations_per_epoch
+            assert total == {"smoke": 10, "learn": 2000}[budget.group(1)], (name, total)  # README's trainer table
+            plain = trainers[f"nnUNetTrainer_cpu_{budget.group(1)}"]
+            # landmark and plain variants of a budget train alike (comparisons are fair)
+            assert (plain.budget_epochs, plain.budget_iterations) == (cls.budget_epochs, cls.budget_iterations)
+            mirror_axes = trainer.configure_rotation_dummyDA_mirroring_and_inital_patch_size()[3]
+            if budget.group(1) == "learn":
+                assert mirror_axes is None and trainer.inference_allowed_mirroring_axes is None, name
+                if is_landmark:
+                    assert trainer.heatmap_loss_weight == 100.0, name
+            else:
+                assert mirror_axes is not None, name
+    # each CPU budget's landmark and plain models also use the same optimizer and learning rate
+    for budget in ("smoke", "learn"):
+        assert optimizers[f"nnUNetTrainerLandmark_cpu_{budget}"] == optimizers[f"nnUNetTrainer_cpu_{budget}"], budget
+
+
+def test_landmark_trainers_refuse_a_2d_configuration(smoke_dataset, tmp_path, monkeypatch):
+    from nnunet_landmark.training.trainers import nnUNetTrainerLandmark
+
+    env = smoke_dataset["env"]
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setenv("nnUNet_results", str(tmp_path / "results"))
+    pre = Path(env["nnUNet_preprocessed"]) / smoke_dataset["dataset"]
+    plans = json.loads((pre / f"{PLANS}.json").read_text())
+    dataset_json = json.loads((pre / "dataset.json").read_text())
+    assert len(plans["configurations"]["2d"]["patch_size"]) == 2  # the planner's own 2d configuration
+    for name, cls in sorted(defined_trainers().items()):
+        if not issubclass(cls, nnUNetTrainerLandmark):
+            continue
+        with pytest.raises(RuntimeError, match=r"configuration '2d' is 2D; nnUNetTrainerLandmark needs a 3D "
+                                               r"configuration such as 3d_fullres"):
+            cls({**json.loads(json.dumps(plans)), "continue_training": False}, "2d", 0, dataset_json,
+                torch.device("cpu"))
+    assert not (tmp_path / "results").exists()  # refused before nnU-Net creates output folders
