@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from nnunet_landmark.baselines import (BaselineError, MeanPositionBaseline, apex_from_segmentation, image_centre,
-                                       leave_one_out_errors)
+from nnunet_landmark.evaluation.baselines import (BaselineError, MeanPositionBaseline, apex_from_segmentation,
+                                                  image_centre, leave_one_out_errors)
 from nnunet_landmark.geometry import ImageGeometry
 from nnunet_landmark.phantoms import generate_phantom
 

@@ -18,14 +18,14 @@ import pytest
 import SimpleITK as sitk
 from scipy import ndimage, stats
 
-from nnunet_landmark.baselines import apex_from_segmentation
+from nnunet_landmark.evaluation.baselines import apex_from_segmentation
 from nnunet_landmark.evaluation.cli import compare_entry_point, crossval_entry_point, evaluate_entry_point
-from nnunet_landmark.evaluation.compare import compare_to_plain, paired_wilcoxon
-from nnunet_landmark.evaluation.crossval import crossval_summary
-from nnunet_landmark.evaluation.evaluate import EvaluationError, evaluate_folder
+from nnunet_landmark.evaluation.folder import EvaluationError, evaluate_folder
 from nnunet_landmark.evaluation.metrics import dice, summarize
-from nnunet_landmark.evaluation.qc import qc_figure
-from nnunet_landmark.evaluation.report import write_report
+from nnunet_landmark.evaluation.plots import qc_figure
+from nnunet_landmark.evaluation.study.compare import compare_to_plain, paired_wilcoxon
+from nnunet_landmark.evaluation.study.crossval import crossval_summary
+from nnunet_landmark.evaluation.study.report import write_report
 from nnunet_landmark.geometry import ImageGeometry
 from nnunet_landmark.landmark_files import format_landmark_rows, write_landmark_csv, write_markups
 from nnunet_landmark.phantoms import generate_phantom

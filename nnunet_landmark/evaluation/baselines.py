@@ -6,19 +6,25 @@
   flat by the valve plane, the apex narrows), and there the extreme point of the mask along the axis.
 * **Mean position** (``MeanPositionBaseline``): the landmark's mean offset from the image centre over
   training cases. World origins differ arbitrarily between scans, so raw world coordinates are never
-  averaged; offsets from the image centre are.
+  averaged; offsets from the image centre are. ``fit_mean_positions`` fits one per landmark on a raw
+  dataset's training cases (the one place that reads them for this).
 
 All points are world LPS mm (see ``geometry``).
 """
 from __future__ import annotations
 
+import os
+
 from dataclasses import dataclass, field
-from typing import Literal, Sequence
+from typing import TYPE_CHECKING, Literal, Sequence
 
 import numpy as np
 from scipy import ndimage
 
 from nnunet_landmark.geometry import ImageGeometry
+
+if TYPE_CHECKING:
+    from nnunet_landmark.evaluation.folder import RawDataset
 
 TipMethod = Literal["extreme_cap", "farthest_voxel"]
 OffsetFrame = Literal["world", "image"]
@@ -149,3 +155,18 @@ def leave_one_out_errors(cases: Sequence[tuple[ImageGeometry, Sequence[float]]],
         model = MeanPositionBaseline(frame).fit([c for j, c in enumerate(cases) if j != i])
         errors.append(float(np.linalg.norm(model.predict(geometry) - np.asarray(point, dtype=np.float64))))
     return np.asarray(errors)
+
+
+def fit_mean_positions(raw_dataset: "RawDataset | str | os.PathLike", train_cases: Sequence[str],
+                       landmark_names: Sequence[str] | None = None, frame: OffsetFrame = "world"
+                       ) -> "dict[str, MeanPositionBaseline]":
+    """{landmark: MeanPositionBaseline} fitted on ``train_cases`` of a raw nnU-Net dataset (their image
+    headers and ``landmarksTr`` points). ``landmark_names``: default the dataset.json's ``"landmarks"``."""
+    from nnunet_landmark.evaluation.folder import RawDataset
+
+    raw = raw_dataset if isinstance(raw_dataset, RawDataset) else RawDataset(raw_dataset)
+    names = list(landmark_names if landmark_names is not None else raw.dataset_json.get("landmarks") or [])
+    if not names:
+        raise BaselineError(f"{raw.folder / 'dataset.json'}: no 'landmarks'; pass the landmark names")
+    return {name: MeanPositionBaseline(frame).fit([(raw.geometry(c), raw.point(c, name)) for c in train_cases])
+            for name in names}

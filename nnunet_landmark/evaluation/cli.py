@@ -14,8 +14,8 @@ import os
 from pathlib import Path
 from typing import Sequence
 
-from nnunet_landmark.baselines import BaselineError
-from nnunet_landmark.evaluation.evaluate import EvaluationError
+from nnunet_landmark.evaluation.baselines import BaselineError
+from nnunet_landmark.evaluation.folder import EvaluationError
 from nnunet_landmark.landmark_files import LandmarkFileError
 
 USER_ERRORS = (EvaluationError, LandmarkFileError, BaselineError, FileNotFoundError)
@@ -91,7 +91,7 @@ def evaluate_entry_point(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     def run(args):
-        from nnunet_landmark.evaluation.evaluate import evaluate_folder
+        from nnunet_landmark.evaluation.folder import evaluate_folder
 
         labels = None
         if args.labels:
@@ -126,6 +126,11 @@ def _add_common(parser: argparse.ArgumentParser, trainer_default: str) -> None:
                         help="folds (default: every fold_F with a validation folder)")
     parser.add_argument("--lv_label", type=int, default=1, help="nnU-Net label of the LV blood cavity (default 1)")
     parser.add_argument("--landmark", default="apex", help="landmark to report (default apex)")
+    parser.add_argument("--labels", nargs="+", type=int, default=None, metavar="VALUE",
+                        help="further labels to report beside --lv_label (Dice per label; default none)")
+    parser.add_argument("--landmarks", nargs="+", default=None, metavar="NAME",
+                        help="further landmarks to report beside --landmark (error and mean-position baseline per "
+                             "landmark; default none)")
     parser.add_argument("--splits", default=None,
                         help="splits_final.json the models were trained with (default: the raw dataset's, else "
                              "$nnUNet_preprocessed/DATASET/splits_final.json)")
@@ -144,14 +149,15 @@ def crossval_entry_point(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     def run(args):
-        from nnunet_landmark.evaluation.crossval import crossval_summary
-        from nnunet_landmark.evaluation.report import write_report
+        from nnunet_landmark.evaluation.study.crossval import crossval_summary
+        from nnunet_landmark.evaluation.study.report import write_report
 
         dataset_name = _dataset_name(args.d)
         raw = _nnunet_folder("nnUNet_raw") / dataset_name
         results_folder = _results_folder(dataset_name, args.tr, args.p, args.c)
         summary = crossval_summary(results_folder, raw, args.f, args.lv_label, args.landmark, args.o,
-                                   _splits_file(raw, dataset_name, args.splits), args.qc, not args.no_progress)
+                                   _splits_file(raw, dataset_name, args.splits), args.qc, not args.no_progress,
+                                   args.labels, args.landmarks)
         output = Path(summary["output_folder"])
         report = write_report(output, summary, None, _learning_curves(results_folder, summary["folds"]),
                               summary.get("qc_pngs", []))
@@ -177,8 +183,8 @@ def compare_entry_point(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     def run(args):
-        from nnunet_landmark.evaluation.compare import compare_to_plain
-        from nnunet_landmark.evaluation.report import write_report
+        from nnunet_landmark.evaluation.study.compare import compare_to_plain
+        from nnunet_landmark.evaluation.study.report import write_report
 
         dataset_name = _dataset_name(args.d)
         raw = _nnunet_folder("nnUNet_raw") / dataset_name
@@ -188,7 +194,7 @@ def compare_entry_point(argv: Sequence[str] | None = None) -> None:
                                               f"comparison_{args.tr}_vs_{args.tr_plain}__{args.p}__{args.c}")
         comparison = compare_to_plain(landmark_folder, plain_folder, raw, output, args.f, args.lv_label,
                                       args.landmark, _splits_file(raw, dataset_name, args.splits), args.qc,
-                                      not args.no_progress)
+                                      not args.no_progress, args.labels, args.landmarks)
         report = write_report(output, comparison["landmark_crossval"], comparison,
                               _learning_curves(landmark_folder, comparison["folds"]), comparison.get("qc_pngs", []))
         dice = comparison["dice"]

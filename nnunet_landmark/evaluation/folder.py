@@ -8,10 +8,12 @@ an nnU-Net ``labelsTr`` folder and a folder of ``CASE.mrk.json`` (e.g. ``landmar
 
 Outputs of ``evaluate_folder`` with ``output_prefix=P``: ``P.json`` (``per_case`` list and ``summary``
 per label / landmark: mean, SD, median, min, max, n, n_nan) and ``P.csv`` (one row per case).
+
+Any labels (nnU-Net regions too) and any number of landmarks; ``RawDataset`` reads a raw nnU-Net dataset
+with ``landmarksTr`` for tools that need image headers and training landmarks (baselines, the study).
 """
 from __future__ import annotations
 
-import csv
 import json
 import os
 from collections import OrderedDict
@@ -22,7 +24,8 @@ import numpy as np
 import SimpleITK as sitk
 from tqdm import tqdm
 
-from nnunet_landmark.evaluation.metrics import dice_per_label, json_ready, landmark_error_mm, summarize
+from nnunet_landmark.evaluation.metrics import LabelOrRegion, json_ready, score_case, summarize
+from nnunet_landmark.evaluation.tables import write_evaluation_csv
 from nnunet_landmark.geometry import ImageGeometry
 from nnunet_landmark.landmark_files import (LandmarkFileError, read_landmark_csv, read_landmark_table,
                                             read_markups)
@@ -38,6 +41,7 @@ class EvaluationError(ValueError):
 
 # ---------------------------------------------------------------------------------------------- inputs
 def read_dataset_json(path: str | os.PathLike) -> dict:
+    """A dataset.json as a dict; an EvaluationError names the file when it cannot be read."""
     try:
         with open(path) as f:
             return json.load(f)
@@ -45,21 +49,31 @@ def read_dataset_json(path: str | os.PathLike) -> dict:
         raise EvaluationError(f"{path}: cannot read the dataset.json ({e})") from e
 
 
-def foreground_labels(dataset_json: Mapping, source: str = "dataset.json") -> "OrderedDict[str, int]":
-    """{name: value} of every label except background (value 0) in a dataset.json's ``labels``."""
+def foreground_labels(dataset_json: Mapping, source: str = "dataset.json") -> "OrderedDict[str, LabelOrRegion]":
+    """{name: value} of every label except background (0) and nnU-Net's ``ignore`` in a dataset.json's
+    ``labels``; a region-based dataset gives regions (tuples of labels), evaluated as nnU-Net does."""
     labels = dataset_json.get("labels")
     if not isinstance(labels, Mapping) or not labels:
         raise EvaluationError(f"{source}: no 'labels' dict; pass the labels to evaluate explicitly")
-    out: "OrderedDict[str, int]" = OrderedDict()
+    out: "OrderedDict[str, LabelOrRegion]" = OrderedDict()
     for name, value in labels.items():
+        if name == "ignore":
+            continue
         if isinstance(value, (list, tuple)):
-            raise EvaluationError(f"{source}: label '{name}' is a region {value}; region-based datasets are not "
-                                  f"supported here, pass the integer labels to evaluate explicitly")
-        if int(value) != 0:
+            value = tuple(int(v) for v in value)
+            if value and any(v != 0 for v in value):
+                out[str(name)] = value
+        elif int(value) != 0:
             out[str(name)] = int(value)
     if not out:
         raise EvaluationError(f"{source}: 'labels' holds only background")
     return out
+
+
+def ignore_label(dataset_json: Mapping | None) -> int | None:
+    """nnU-Net's ignore label of a dataset.json, if it has one (its voxels count for no label)."""
+    value = ((dataset_json or {}).get("labels") or {}).get("ignore")
+    return None if value is None else int(value)
 
 
 def load_label_map(path: str | os.PathLike) -> tuple[np.ndarray, ImageGeometry]:
@@ -79,6 +93,7 @@ def load_label_map(path: str | os.PathLike) -> tuple[np.ndarray, ImageGeometry]:
 
 
 def check_same_grid(prediction_path, prediction: ImageGeometry, reference_path, reference: ImageGeometry) -> None:
+    """An EvaluationError naming both files when a prediction is not on its reference's grid."""
     if not prediction.same_grid_as(reference):
         raise EvaluationError(
             f"{prediction_path}: its grid differs from the reference {reference_path} (prediction size "
@@ -179,7 +194,7 @@ def evaluate_folder(prediction_folder: str | os.PathLike, reference_labels_folde
                     progress: bool = True) -> dict:
     """Dice per label and landmark error per landmark for every case of a prediction folder.
 
-    ``labels``: {name: value}; default all foreground labels of ``dataset_json`` (a path or dict; when not
+    ``labels``: {name: label or region}; default all foreground labels of ``dataset_json`` (a path or dict; when not
     given, ``dataset.json`` in the prediction folder or beside the reference labels folder is used).
     ``reference_landmarks``: folder of ``CASE.mrk.json`` or a CSV; ``None`` evaluates segmentations only.
     ``landmark_names``: default the dataset.json's ``"landmarks"``, else every name in the references.
@@ -199,8 +214,9 @@ def evaluate_folder(prediction_folder: str | os.PathLike, reference_labels_folde
             raise EvaluationError(f"which labels to evaluate? No dataset.json in {prediction_folder} or "
                                   f"{reference_labels_folder.parent}; pass labels (or -dataset_json FILE)")
         labels = foreground_labels(dataset, dataset_source)
-    labels = OrderedDict((str(k), int(v)) for k, v in labels.items())
+    labels = OrderedDict((str(k), v if np.isscalar(v) else tuple(int(i) for i in v)) for k, v in labels.items())
     file_ending = (dataset or {}).get("file_ending", ".nii.gz")
+    ignore = ignore_label(dataset)
 
     if cases is None:
         cases = find_cases(prediction_folder, reference_labels_folder, file_ending)
@@ -234,9 +250,10 @@ def evaluate_folder(prediction_folder: str | os.PathLike, reference_labels_folde
         predicted, predicted_geometry = load_label_map(prediction_path)
         reference, reference_geometry = load_label_map(reference_path)
         check_same_grid(prediction_path, predicted_geometry, reference_path, reference_geometry)
-        record = {"case": case, "prediction_file": str(prediction_path), "reference_file": str(reference_path),
-                  "dice": dice_per_label(reference, predicted, labels)}
-        if landmark_names:
+        record = {"case": case, "prediction_file": str(prediction_path), "reference_file": str(reference_path)}
+        if not landmark_names:
+            record.update(score_case(reference, predicted, labels, ignore_label=ignore))
+        else:
             reference_points = references.get(case)
             absent = [n for n in landmark_names if n not in reference_points]
             if absent:
@@ -250,8 +267,8 @@ def evaluate_folder(prediction_folder: str | os.PathLike, reference_labels_folde
             if absent:
                 raise EvaluationError(f"{prediction_folder / (case + MARKUPS_SUFFIX)}: lacks predicted landmark(s) "
                                       f"{absent} (has {list(predicted_points)})")
-            record["landmark_error_mm"] = {n: landmark_error_mm(predicted_points[n], reference_points[n])
-                                           for n in landmark_names}
+            record.update(score_case(reference, predicted, labels, predicted_points, reference_points,
+                                     landmark_names, ignore))
             record["predicted_landmarks"] = {n: predicted_points[n].tolist() for n in landmark_names}
             record["reference_landmarks"] = {n: np.asarray(reference_points[n]).tolist() for n in landmark_names}
             record["confidence"] = {n: confidences.get(n, float("nan")) for n in landmark_names}
@@ -283,20 +300,64 @@ def write_evaluation(results: Mapping, output_prefix: str | os.PathLike) -> tupl
     json_path = prefix.with_name(prefix.name + ".json")
     csv_path = prefix.with_name(prefix.name + ".csv")
     json_path.write_text(json.dumps(json_ready(results), indent=2) + "\n")
-    labels, landmarks = list(results["labels"]), list(results["landmarks"])
-    header = (["case"] + [f"dice_{n}" for n in labels] + [f"error_mm_{n}" for n in landmarks]
-              + [f"confidence_{n}" for n in landmarks])
-    with open(csv_path, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(header)
-        for r in results["per_case"]:
-            row = [r["case"]] + [_cell(r["dice"][n]) for n in labels]
-            row += [_cell(r["landmark_error_mm"][n]) for n in landmarks]
-            row += [_cell(r["confidence"][n]) for n in landmarks]
-            writer.writerow(row)
+    write_evaluation_csv(results, csv_path)
     return json_path, csv_path
 
 
-def _cell(value) -> str:
-    value = float(value)
-    return "" if np.isnan(value) else repr(value)
+# ---------------------------------------------------------------------------------------------- raw dataset
+class RawDataset:
+    """The parts of a raw nnU-Net dataset with ``landmarksTr`` that evaluation reads: labels, every case's
+    landmarks and image header (both cached)."""
+
+    def __init__(self, folder: str | os.PathLike):
+        self.folder = Path(folder)
+        dataset_json = self.folder / "dataset.json"
+        if not dataset_json.is_file():
+            raise EvaluationError(f"{dataset_json}: missing; is {self.folder} an nnU-Net raw dataset folder?")
+        self.dataset_json = read_dataset_json(dataset_json)
+        self.file_ending = self.dataset_json.get("file_ending", ".nii.gz")
+        self.labels_folder = self.folder / "labelsTr"
+        self.landmarks_folder = self.folder / "landmarksTr"
+        if not self.landmarks_folder.is_dir():
+            raise EvaluationError(f"{self.landmarks_folder}: missing; the reference landmarks (CASE.mrk.json) of the "
+                                  f"raw dataset are needed (see nnUNetv2_convert_MMWHS)")
+        self._geometry: dict[str, ImageGeometry] = {}
+        self._landmarks: dict[str, OrderedDict] = {}
+
+    def label_name(self, value: int) -> str:
+        """The dataset.json name of a label value (``label_V`` when it has none)."""
+        for name, v in (self.dataset_json.get("labels") or {}).items():
+            if not isinstance(v, (list, tuple)) and int(v) == value:
+                return str(name)
+        return f"label_{value}"
+
+    def image_path(self, case: str) -> Path:
+        """The case's first image channel, else its label file (same header)."""
+        image = self.folder / "imagesTr" / f"{case}_0000{self.file_ending}"
+        return image if image.is_file() else self.labels_folder / f"{case}{self.file_ending}"
+
+    def geometry(self, case: str) -> ImageGeometry:
+        """The case's image header."""
+        if case not in self._geometry:
+            path = self.image_path(case)
+            if not path.is_file():
+                raise EvaluationError(f"{path}: missing; neither the image nor the label of case '{case}' exists")
+            self._geometry[case] = ImageGeometry.from_file(path)
+        return self._geometry[case]
+
+    def landmarks(self, case: str) -> "OrderedDict[str, np.ndarray]":
+        """Every reference landmark of a case (world LPS mm)."""
+        if case not in self._landmarks:
+            path = self.landmarks_folder / f"{case}{MARKUPS_SUFFIX}"
+            if not path.is_file():
+                raise EvaluationError(f"{path}: missing; every case needs its reference landmarks")
+            self._landmarks[case] = read_markups(path)
+        return self._landmarks[case]
+
+    def point(self, case: str, name: str) -> np.ndarray:
+        """One reference landmark of a case (world LPS mm)."""
+        points = self.landmarks(case)
+        if name not in points:
+            raise EvaluationError(f"{self.landmarks_folder / (case + MARKUPS_SUFFIX)}: no landmark '{name}' "
+                                  f"(has {list(points)})")
+        return points[name]

@@ -1,10 +1,13 @@
-"""Per-case metrics and their summaries: Dice per label, landmark error in world mm, summary statistics.
+"""Per-case scores for any labels and any landmarks, and their summaries.
+
+Dice comes from nnU-Net's own evaluation code (``region_or_label_to_mask``, ``compute_tp_fp_fn_tn``), so
+a label may also be an nnU-Net region (a tuple of labels) and an ignore label is left out as nnU-Net does.
 
 Conventions:
 
-* Dice of a label whose reference AND prediction are both empty is NaN (undefined, not perfect): it is
-  left out of means and counted separately as ``n_nan`` in the summary. An empty reference with a
-  non-empty prediction (or the reverse) is Dice 0.
+* Dice of a label whose reference AND prediction are both empty is NaN (undefined, not perfect; nnU-Net
+  agrees): it is left out of means and counted separately as ``n_nan`` in the summary. An empty reference
+  with a non-empty prediction (or the reverse) is Dice 0.
 * Landmark errors are Euclidean distances between world (LPS mm) points, so they are in mm whatever
   the voxel spacing.
 * SD is the sample standard deviation (``ddof=1``); NaN for fewer than two values. JSON files store
@@ -13,29 +16,55 @@ Conventions:
 from __future__ import annotations
 
 import math
-from typing import Iterable, Mapping
+from typing import Iterable, Mapping, Sequence, Tuple, Union
 
 import numpy as np
 
 SUMMARY_KEYS = ("mean", "sd", "median", "min", "max", "n", "n_nan")
+LabelOrRegion = Union[int, Tuple[int, ...]]
 
 
-def dice(reference: np.ndarray, prediction: np.ndarray) -> float:
+def _nnunet_metrics():
+    # imported on first use: nnU-Net's evaluation module imports torch (via its plans handler), which the
+    # console scripts' --help and this package's import should not wait for
+    from nnunetv2.evaluation import evaluate_predictions
+
+    return evaluate_predictions
+
+
+def _dice_from_counts(tp, fp, fn) -> float:
+    return float("nan") if tp + fp + fn == 0 else float(2 * tp / (2 * tp + fp + fn))
+
+
+def dice(reference: np.ndarray, prediction: np.ndarray, ignore_mask: np.ndarray | None = None) -> float:
     """Dice of two boolean masks of the same shape; NaN when both are empty."""
     reference = np.asarray(reference, dtype=bool)
     prediction = np.asarray(prediction, dtype=bool)
     if reference.shape != prediction.shape:
         raise ValueError(f"masks differ in shape: reference {reference.shape}, prediction {prediction.shape}")
-    total = int(np.count_nonzero(reference)) + int(np.count_nonzero(prediction))
-    if total == 0:
-        return float("nan")
-    return 2.0 * int(np.count_nonzero(reference & prediction)) / total
+    tp, fp, fn, _ = _nnunet_metrics().compute_tp_fp_fn_tn(reference, prediction, ignore_mask)
+    return _dice_from_counts(tp, fp, fn)
 
 
 def dice_per_label(reference_labels: np.ndarray, predicted_labels: np.ndarray,
-                   labels: Mapping[str, int]) -> "dict[str, float]":
-    """{label name: Dice} for integer label maps; see ``dice`` for empty labels."""
-    return {name: dice(reference_labels == value, predicted_labels == value) for name, value in labels.items()}
+                   labels: Mapping[str, LabelOrRegion], ignore_label: int | None = None) -> "dict[str, float]":
+    """{label name: Dice} for integer label maps; a value may be a label or a region (tuple of labels).
+
+    Voxels whose reference is ``ignore_label`` count for no label (nnU-Net's ignore label).
+    """
+    reference_labels, predicted_labels = np.asarray(reference_labels), np.asarray(predicted_labels)
+    if reference_labels.shape != predicted_labels.shape:
+        raise ValueError(f"label maps differ in shape: reference {reference_labels.shape}, "
+                         f"prediction {predicted_labels.shape}")
+    nnunet = _nnunet_metrics()
+    ignore_mask = None if ignore_label is None else reference_labels == ignore_label
+    out = {}
+    for name, value in labels.items():
+        value = value if np.isscalar(value) else tuple(value)
+        tp, fp, fn, _ = nnunet.compute_tp_fp_fn_tn(nnunet.region_or_label_to_mask(reference_labels, value),
+                                                   nnunet.region_or_label_to_mask(predicted_labels, value), ignore_mask)
+        out[name] = _dice_from_counts(tp, fp, fn)
+    return out
 
 
 def landmark_error_mm(predicted, reference) -> float:
@@ -45,6 +74,31 @@ def landmark_error_mm(predicted, reference) -> float:
     if predicted.shape != (3,) or reference.shape != (3,):
         raise ValueError(f"expected two 3D points, got shapes {predicted.shape} and {reference.shape}")
     return float(np.linalg.norm(predicted - reference))
+
+
+def landmark_errors_mm(predicted: Mapping[str, Sequence[float]], reference: Mapping[str, Sequence[float]],
+                       names: Sequence[str] | None = None) -> "dict[str, float]":
+    """{name: error in mm} for the named landmarks (default: every reference landmark)."""
+    names = list(reference) if names is None else list(names)
+    for points, what in ((reference, "reference"), (predicted, "predicted")):
+        absent = [n for n in names if n not in points]
+        if absent:
+            raise ValueError(f"no {what} landmark(s) {absent} (has {list(points)})")
+    return {n: landmark_error_mm(predicted[n], reference[n]) for n in names}
+
+
+def score_case(reference_labels: np.ndarray, predicted_labels: np.ndarray, labels: Mapping[str, LabelOrRegion],
+               predicted_points: Mapping[str, Sequence[float]] | None = None,
+               reference_points: Mapping[str, Sequence[float]] | None = None,
+               landmark_names: Sequence[str] | None = None, ignore_label: int | None = None) -> dict:
+    """One case's scores: ``{"dice": {label: Dice}, "landmark_error_mm": {landmark: mm}}``.
+
+    Landmark errors only when both point sets are given (``landmark_names`` default: every reference one).
+    """
+    scores = {"dice": dice_per_label(reference_labels, predicted_labels, labels, ignore_label)}
+    if predicted_points is not None and reference_points is not None:
+        scores["landmark_error_mm"] = landmark_errors_mm(predicted_points, reference_points, landmark_names)
+    return scores
 
 
 def summarize(values: Iterable[float | None]) -> "dict[str, float | int]":
@@ -58,6 +112,11 @@ def summarize(values: Iterable[float | None]) -> "dict[str, float | int]":
     return {"mean": float(finite.mean()), "sd": float(finite.std(ddof=1)) if len(finite) > 1 else float("nan"),
             "median": float(np.median(finite)), "min": float(finite.min()), "max": float(finite.max()),
             "n": int(len(finite)), "n_nan": n_nan}
+
+
+def summarize_columns(rows: Sequence[Mapping], columns: Sequence[str]) -> dict:
+    """{column: summarize(that column over the rows)}; a row without the column counts as NaN."""
+    return {c: summarize(r.get(c) for r in rows) for c in columns}
 
 
 def json_ready(obj):
@@ -75,13 +134,3 @@ def json_ready(obj):
     if isinstance(obj, np.bool_):
         return bool(obj)
     return obj
-
-
-def format_number(value, digits: int = 3) -> str:
-    """A table cell: fixed digits, '' for None, 'NaN' for NaN."""
-    if value is None:
-        return ""
-    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
-        return str(int(value))
-    value = float(value)
-    return "NaN" if math.isnan(value) else f"{value:.{digits}f}"

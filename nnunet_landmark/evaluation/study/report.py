@@ -10,8 +10,8 @@ import os
 from pathlib import Path
 from typing import Mapping, Sequence
 
-from nnunet_landmark.evaluation.crossval import PAPER, table2_markdown
-from nnunet_landmark.evaluation.metrics import format_number
+from nnunet_landmark.evaluation.study import PAPER
+from nnunet_landmark.evaluation.tables import comparison_tables, format_number, table2_markdown
 
 
 def _image(path: str | os.PathLike, output: Path, caption: str) -> str:
@@ -22,6 +22,16 @@ def _mean_sd(statistics: Mapping, digits: int) -> str:
     return f"{format_number(statistics['mean'], digits)} ± {format_number(statistics['sd'], digits)}"
 
 
+def _further_rows(crossval_results: Mapping) -> list[tuple[str, str, int]]:
+    """(column, headline text, digits) of the labels and landmarks reported beside the LV and the apex."""
+    labels, landmarks = list(crossval_results.get("labels") or {}), list(crossval_results.get("landmarks") or [])
+    rows = [(f"dice_{n}", f"Dice, {n}", 3) for n in labels[1:]] if len(labels) > 1 else []
+    for n in landmarks[1:] if len(landmarks) > 1 else []:
+        rows += [(f"error_mm_{n}", f"{n} error (mm)", 2),
+                 (f"mean_position_error_mm_{n}", f"{n}: mean-position baseline (mm)", 2)]
+    return rows
+
+
 def write_report(output_folder: str | os.PathLike, crossval_results: Mapping, comparison: Mapping | None = None,
                  learning_curve_pngs: Sequence[str | os.PathLike] = (), qc_pngs: Sequence[str | os.PathLike] = (),
                  title: str = "LV segmentation and apex detection: cross-validation report") -> Path:
@@ -30,8 +40,6 @@ def write_report(output_folder: str | os.PathLike, crossval_results: Mapping, co
     ``crossval_results``: what ``crossval_summary`` returns (or ``comparison['landmark_crossval']``);
     ``comparison``: what ``compare_to_plain`` returns.
     """
-    from nnunet_landmark.evaluation.compare import comparison_tables
-
     output = Path(output_folder)
     output.mkdir(parents=True, exist_ok=True)
     overall, landmark = crossval_results["overall"], crossval_results["landmark"]
@@ -48,8 +56,10 @@ def write_report(output_folder: str | os.PathLike, crossval_results: Mapping, co
              f"| geometric-tip baseline (mm) | {_mean_sd(overall['geometric_tip_error_mm'], 2)} | "
              f"{format_number(overall['geometric_tip_error_mm']['median'], 2)} | |",
              f"| mean-position baseline (mm) | {_mean_sd(overall['mean_position_error_mm'], 2)} | "
-             f"{format_number(overall['mean_position_error_mm']['median'], 2)} | |", "",
-             "## Per held-out image (layout of the paper's Table 2)", "", table2_markdown(crossval_results)]
+             f"{format_number(overall['mean_position_error_mm']['median'], 2)} | |"]
+    lines += [f"| {what} | {_mean_sd(overall[key], digits)} | {format_number(overall[key]['median'], digits)} | |"
+              for key, what, digits in _further_rows(crossval_results)]
+    lines += ["", "## Per held-out image (layout of the paper's Table 2)", "", table2_markdown(crossval_results)]
     if comparison is not None:
         lines += ["## Comparison with plain nnU-Net (same folds)", "", comparison_tables(comparison)]
         for name, path in comparison.get("plots", {}).items():
