@@ -267,7 +267,32 @@ def test_paired_wilcoxon_edge_cases():
     assert not full["underpowered"] and full["p_value"] == pytest.approx(stats.wilcoxon(a - b).pvalue)
 
 
-def test_compare_to_plain(study, tmp_path):
+def plotted_data(monkeypatch) -> dict:
+    """What each figure saved from now on shows, read from its artists just before saving: per axes the
+    y values of the scatter points, the bar heights, and the medians of the box plots."""
+    from matplotlib.collections import PathCollection
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Rectangle
+
+    shown, save = {}, Figure.savefig
+
+    def recording_savefig(figure, path, *args, **kwargs):
+        shown[Path(path).stem] = [
+            {"points": [np.asarray(c.get_offsets(), dtype=float)[:, 1] for c in ax.collections
+                        if isinstance(c, PathCollection)],
+             "bars": [float(p.get_height()) for p in ax.patches if type(p) is Rectangle],
+             "medians": [float(np.mean(line.get_ydata())) for line in ax.lines
+                         if line.get_color() == "black" and len(line.get_xdata()) == 2 and
+                         line.get_linewidth() == 1.5]}
+            for ax in figure.axes]
+        return save(figure, path, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", recording_savefig)
+    return shown
+
+
+def test_compare_to_plain(study, tmp_path, monkeypatch):
+    shown = plotted_data(monkeypatch)
     comparison = compare_to_plain(study["landmark_results"], study["plain_results"], study["raw"], tmp_path,
                                   progress=False)
     truth = study["truth"]
@@ -296,8 +321,26 @@ def test_compare_to_plain(study, tmp_path):
     for name, (min_height, min_width) in {"dice_boxplot": (400, 450), "landmark_error_boxplot": (400, 700),
                                           "per_fold": (400, 900)}.items():
         image = matplotlib.image.imread(tmp_path / f"{name}.png")
-        assert image.shape[0] >= min_height and image.shape[1] >= min_width and image.std() > 0.01
-    shutil.copy(tmp_path / "landmark_error_boxplot.png", "/tmp/compare_check.png")
+        assert image.shape[0] >= min_height and image.shape[1] >= min_width
+    # the figures show these numbers: every image's Dice (both models), every method's error per image with its
+    # median as the box, and the per-fold means as bars
+    (dice_axes,) = shown["dice_boxplot"]
+    np.testing.assert_allclose(dice_axes["points"][0], landmark_dice, atol=1e-12)
+    np.testing.assert_allclose(dice_axes["points"][1], plain_dice, atol=1e-12)
+    np.testing.assert_allclose(dice_axes["medians"], [np.median(landmark_dice), np.median(plain_dice)], atol=1e-12)
+    (error_axes,) = shown["landmark_error_boxplot"]
+    methods = list(comparison["methods"])
+    assert methods[0] == "error_landmark_model"
+    assert len(error_axes["points"]) == len(error_axes["medians"]) == len(methods)
+    for key, points, median in zip(methods, error_axes["points"], error_axes["medians"]):
+        errors = [r[key] for r in comparison["per_case"]]
+        np.testing.assert_allclose(points, errors, atol=1e-9, err_msg=key)
+        assert median == pytest.approx(np.median(errors)), key
+    np.testing.assert_allclose(error_axes["points"][0], np.arange(1, 9), atol=1e-9)
+    dice_bars, error_bars = (axes["bars"] for axes in shown["per_fold"])
+    per_fold_dice = [np.mean(d[2 * f:2 * f + 2]) for d in (landmark_dice, plain_dice) for f in range(4)]
+    np.testing.assert_allclose(dice_bars, per_fold_dice, atol=1e-12)
+    np.testing.assert_allclose(error_bars[:4], [1.5, 3.5, 5.5, 7.5], atol=1e-9)  # the model's errors n + 1 per fold
 
     report = write_report(tmp_path / "report", comparison["landmark_crossval"], comparison,
                           learning_curve_pngs=[study["landmark_results"] / "fold_0" / "progress.png"],
