@@ -21,7 +21,7 @@ from scipy import ndimage, stats
 from nnunet_landmark.evaluation.baselines import apex_from_segmentation
 from nnunet_landmark.evaluation.cli import compare_entry_point, crossval_entry_point, evaluate_entry_point
 from nnunet_landmark.evaluation.folder import EvaluationError, evaluate_folder
-from nnunet_landmark.evaluation.metrics import dice, summarize
+from nnunet_landmark.evaluation.metrics import dice, dice_per_label, score_case, summarize
 from nnunet_landmark.evaluation.plots import qc_figure
 from nnunet_landmark.evaluation.study.compare import compare_to_plain, paired_wilcoxon
 from nnunet_landmark.evaluation.study.crossval import crossval_summary
@@ -120,6 +120,115 @@ def test_dice_and_summary_conventions():
     assert s["mean"] == pytest.approx(3.0) and s["median"] == 2.0 and s["max"] == 6.0 and s["min"] == 1.0
     assert s["sd"] == pytest.approx(np.std([1, 2, 6], ddof=1))
     assert np.isnan(summarize([4.0])["sd"]) and summarize([])["n"] == 0
+
+
+def synthetic_label_maps() -> tuple[np.ndarray, np.ndarray]:
+    """(reference, prediction) 4 x 4 x 4 (z, y, x) with two labels, counts chosen by hand:
+    label 1: reference 4 voxels, prediction 3 (2 shared) -> Dice 2*2 / (4 + 3) = 4/7;
+    label 2: reference 16 voxels, prediction 8 (all shared) -> Dice 2*8 / (16 + 8) = 2/3;
+    region (1, 2): reference 20, prediction 11, 10 shared -> Dice 20/31."""
+    reference, prediction = np.zeros((4, 4, 4), np.uint8), np.zeros((4, 4, 4), np.uint8)
+    reference[0, 0, :] = 1
+    prediction[0, 0, :2] = 1
+    prediction[0, 1, 0] = 1
+    reference[1] = 2
+    prediction[1, :2] = 2
+    return reference, prediction
+
+
+THREE_REFERENCE = {"apex": [0.0, 0.0, 0.0], "mitral_valve": [10.0, 0.0, 0.0], "aortic_valve": [0.0, -5.0, 1.0]}
+THREE_PREDICTED = {"apex": [3.0, 4.0, 0.0], "mitral_valve": [11.0, 2.0, 2.0], "aortic_valve": [6.0, -5.0, 9.0]}
+THREE_ERRORS = {"apex": 5.0, "mitral_valve": 3.0, "aortic_valve": 10.0}
+
+
+def test_score_case_two_labels_three_landmarks_exact():
+    reference, prediction = synthetic_label_maps()
+    scores = score_case(reference, prediction, {"A": 1, "B": 2, "A+B": (1, 2)}, THREE_PREDICTED, THREE_REFERENCE)
+    assert scores["dice"] == {"A": pytest.approx(4 / 7, abs=1e-15), "B": pytest.approx(2 / 3, abs=1e-15),
+                              "A+B": pytest.approx(20 / 31, abs=1e-15)}
+    assert scores["landmark_error_mm"] == {k: pytest.approx(v, abs=1e-12) for k, v in THREE_ERRORS.items()}
+    assert list(score_case(reference, prediction, {"B": 2}, THREE_PREDICTED, THREE_REFERENCE,
+                           ["aortic_valve"])["landmark_error_mm"]) == ["aortic_valve"]
+    assert "landmark_error_mm" not in score_case(reference, prediction, {"A": 1})
+    with pytest.raises(ValueError, match=r"no predicted landmark\(s\) \['apex'\]"):
+        score_case(reference, prediction, {"A": 1}, {"mitral_valve": [0, 0, 0]}, THREE_REFERENCE, ["apex"])
+    # an ignore label, as nnU-Net's: a predicted label-1 voxel where the reference says "ignore" is no FP
+    reference[3, 0, 0] = 3
+    prediction[3, 0, 0] = 1
+    assert dice_per_label(reference, prediction, {"A": 1})["A"] == pytest.approx(2 * 2 / (4 + 4))
+    assert dice_per_label(reference, prediction, {"A": 1}, ignore_label=3)["A"] == pytest.approx(4 / 7)
+
+
+def test_dice_per_label_matches_nnunet_compute_metrics(tmp_path):
+    from nnunetv2.evaluation.evaluate_predictions import compute_metrics
+    from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
+
+    reference, prediction = synthetic_label_maps()
+    reference[3, 2:, 2:] = 3  # ignore label
+    prediction[3, 3, :] = 1
+    for name, array in (("reference", reference), ("prediction", prediction)):
+        sitk.WriteImage(sitk.GetImageFromArray(array), str(tmp_path / f"{name}.nii.gz"))
+    nnunet = compute_metrics(str(tmp_path / "reference.nii.gz"), str(tmp_path / "prediction.nii.gz"), SimpleITKIO(),
+                             [1, 2, (1, 2)], ignore_label=3)["metrics"]
+    ours = dice_per_label(reference, prediction, {"A": 1, "B": 2, "A+B": (1, 2)}, ignore_label=3)
+    assert ours == {"A": nnunet[1]["Dice"], "B": nnunet[2]["Dice"], "A+B": nnunet[(1, 2)]["Dice"]}
+
+
+def write_synthetic_case(folder: Path, case: str, array: np.ndarray) -> None:
+    image = sitk.GetImageFromArray(array)
+    image.SetSpacing((2.0, 1.0, 1.5))
+    image.SetOrigin((-10.0, 4.0, 30.0))
+    folder.mkdir(parents=True, exist_ok=True)
+    sitk.WriteImage(image, str(folder / f"{case}.nii.gz"))
+
+
+def test_evaluate_folder_two_labels_three_landmarks(tmp_path):
+    """The general evaluation knows nothing of the LV or the apex: two labels, three landmarks, exact numbers.
+    Case b is case a with every point moved by the same vector (errors unchanged) and label 2 predicted
+    perfectly."""
+    reference, prediction = synthetic_label_maps()
+    perfect_b = np.where(reference == 2, 2, prediction)
+    shift = np.array([100.0, -20.0, 7.0])
+    (tmp_path / "dataset.json").write_text(json.dumps({
+        "labels": {"background": 0, "first": 1, "second": 2}, "file_ending": ".nii.gz",
+        "landmarks": ["mitral_valve", "apex", "aortic_valve"]}))
+    (tmp_path / "landmarksTr").mkdir()
+    for case, predicted, move in (("a", prediction, 0.0), ("b", perfect_b, shift)):
+        write_synthetic_case(tmp_path / "labelsTr", case, reference)
+        write_synthetic_case(tmp_path / "predicted", case, predicted)
+        write_markups(tmp_path / "landmarksTr" / f"{case}.mrk.json",
+                      {k: np.add(v, move) for k, v in THREE_REFERENCE.items()})
+        write_markups(tmp_path / "predicted" / f"{case}.mrk.json",
+                      {k: np.add(v, move) for k, v in THREE_PREDICTED.items()})
+    results = evaluate_folder(tmp_path / "predicted", tmp_path / "labelsTr", tmp_path / "landmarksTr",
+                              output_prefix=tmp_path / "out", progress=False)
+    assert results["labels"] == {"first": 1, "second": 2}
+    assert results["landmarks"] == ["mitral_valve", "apex", "aortic_valve"]  # dataset.json's order
+    a, b = results["per_case"]
+    assert a["dice"] == {"first": pytest.approx(4 / 7), "second": pytest.approx(2 / 3)}
+    assert b["dice"] == {"first": pytest.approx(4 / 7), "second": 1.0}
+    for record in (a, b):
+        assert record["landmark_error_mm"] == {k: pytest.approx(v, abs=1e-9) for k, v in THREE_ERRORS.items()}
+    summary = results["summary"]
+    assert summary["dice"]["second"]["mean"] == pytest.approx((2 / 3 + 1) / 2)
+    assert summary["dice"]["second"]["sd"] == pytest.approx(np.std([2 / 3, 1], ddof=1))
+    for name, error in THREE_ERRORS.items():
+        assert summary["landmark_error_mm"][name]["mean"] == pytest.approx(error, abs=1e-9)
+        assert summary["landmark_error_mm"][name]["sd"] == pytest.approx(0, abs=1e-9)
+    with open(tmp_path / "out.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == ["case", "dice_first", "dice_second", "error_mm_mitral_valve", "error_mm_apex",
+                             "error_mm_aortic_valve", "confidence_mitral_valve", "confidence_apex",
+                             "confidence_aortic_valve"]
+    assert float(rows[1]["dice_second"]) == 1.0 and float(rows[0]["error_mm_aortic_valve"]) == pytest.approx(10.0)
+    # a region-based dataset.json is evaluated with nnU-Net's regions; the ignore label is no label
+    (tmp_path / "dataset.json").write_text(json.dumps({
+        "labels": {"background": 0, "first": 1, "both": [1, 2], "ignore": 3}, "regions_class_order": [1, 2],
+        "file_ending": ".nii.gz"}))
+    regions = evaluate_folder(tmp_path / "predicted", tmp_path / "labelsTr", None, progress=False)
+    assert regions["labels"] == {"first": 1, "both": (1, 2)}
+    assert regions["per_case"][0]["dice"]["both"] == pytest.approx(20 / 31)
+    assert regions["per_case"][1]["dice"]["both"] == pytest.approx(2 * 18 / (20 + 19))
 
 
 # ---------------------------------------------------------------------------------------------- evaluate_folder
