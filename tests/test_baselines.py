@@ -125,3 +125,49 @@ def test_mean_position_leave_one_out_on_phantoms():
     world, image = leave_one_out_errors(cases, "world"), leave_one_out_errors(cases, "image")
     assert world.mean() < 25.0
     assert world.mean() < image.mean()
+
+
+def test_fit_mean_positions_on_a_raw_dataset_three_landmarks(tmp_path):
+    """One baseline per landmark from a raw dataset's headers and landmarksTr; every landmark sits at its own
+    fixed world offset from the image centre, so each is recovered exactly, whatever origin and axis flips."""
+    from nnunet_landmark.evaluation.baselines import fit_mean_positions
+    from nnunet_landmark.landmark_files import write_markups
+
+    rng = np.random.default_rng(7)
+    flips = [np.eye(3), np.diag([1.0, -1.0, 1.0]), np.diag([-1.0, -1.0, 1.0])]
+    offsets = {"apex": np.array([12.0, -30.0, 7.5]), "mitral_valve": np.array([-3.0, 4.0, 20.0]),
+               "aortic_valve": np.array([0.5, 9.0, -11.0])}
+    for sub in ("imagesTr", "landmarksTr"):
+        (tmp_path / sub).mkdir()
+    (tmp_path / "dataset.json").write_text('{"labels": {"background": 0, "LV": 1}, "file_ending": ".nii.gz", '
+                                           '"landmarks": ["apex", "mitral_valve", "aortic_valve"]}')
+    geometries = {}
+    for n in range(5):
+        drawn = random_geometry(rng, flips[n % 3])
+        drawn = ImageGeometry(drawn.origin, drawn.spacing, drawn.direction, (6, 5, 4))
+        path = tmp_path / "imagesTr" / f"case_{n}_0000.nii.gz"
+        sitk.WriteImage(drawn.apply_to(sitk.Image(6, 5, 4, sitk.sitkInt16)), str(path))
+        geometries[n] = ImageGeometry.from_file(path)  # the header as stored (float32 in NIfTI)
+        write_markups(tmp_path / "landmarksTr" / f"case_{n}.mrk.json",
+                      {k: image_centre(geometries[n]) + v for k, v in offsets.items()})
+    models = fit_mean_positions(tmp_path, [f"case_{n}" for n in range(4)])
+    assert list(models) == ["apex", "mitral_valve", "aortic_valve"]  # dataset.json's order
+    for name, offset in offsets.items():
+        assert models[name].num_cases == 4
+        np.testing.assert_allclose(models[name].mean_offset, offset, atol=1e-9)
+        np.testing.assert_allclose(models[name].predict(geometries[4]), image_centre(geometries[4]) + offset,
+                                   atol=1e-9)
+    assert list(fit_mean_positions(tmp_path, ["case_0"], ["aortic_valve"])) == ["aortic_valve"]
+    (tmp_path / "dataset.json").write_text('{"labels": {"background": 0, "LV": 1}}')
+    with pytest.raises(BaselineError, match="no 'landmarks'"):
+        fit_mean_positions(tmp_path, ["case_0"])
+
+
+def test_old_import_path_is_the_same_code():
+    """``nnunet_landmark.baselines`` (still imported by demo.py, benchmarks and other tests) re-exports."""
+    import nnunet_landmark.baselines as old
+    import nnunet_landmark.evaluation.baselines as new
+
+    for name in ("MeanPositionBaseline", "apex_from_segmentation", "fit_mean_positions", "BaselineError",
+                 "leave_one_out_errors", "image_centre"):
+        assert getattr(old, name) is getattr(new, name)
