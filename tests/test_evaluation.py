@@ -302,12 +302,12 @@ def test_evaluate_folder_grid_mismatch_and_unknown_cases(study, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- crossval
-def expected_mean_position(study, fold: int, case: str) -> np.ndarray:
+def expected_mean_position(study, fold: int, case: str, landmark: str = "apex") -> np.ndarray:
     """Independent of the baseline class: mean world offset from the image centre over training cases."""
     def centre(g):
         return np.asarray(g.origin) + g.direction_matrix @ (np.asarray(g.spacing) * (np.asarray(g.size) - 1) / 2)
     truth = study["truth"]
-    offsets = [truth[c]["points"]["apex"] - centre(truth[c]["geometry"]) for c in SPLITS[fold]["train"]]
+    offsets = [truth[c]["points"][landmark] - centre(truth[c]["geometry"]) for c in SPLITS[fold]["train"]]
     return centre(truth[case]["geometry"]) + np.mean(offsets, axis=0)
 
 
@@ -358,6 +358,55 @@ def test_crossval_rejects_splits_that_do_not_match(study, tmp_path):
     with pytest.raises(EvaluationError, match="the splits say fold 0 holds out"):
         crossval_summary(study["landmark_results"], study["raw"], folds=[0], output_folder=tmp_path,
                          splits_file=tmp_path / "splits.json", progress=False)
+
+
+def test_crossval_and_compare_report_further_labels_and_landmarks(study, tmp_path, monkeypatch):
+    """--labels 2 --landmarks mitral_valve: the paper's columns stay as they are, each label and landmark
+    gains its own (Dice of the untouched myocardium is 1, the mitral valve is off by exactly 2 mm)."""
+    monkeypatch.setenv("nnUNet_raw", str(study["root"] / "nnUNet_raw"))
+    monkeypatch.setenv("nnUNet_results", str(study["root"] / "nnUNet_results"))
+    crossval_entry_point(["-d", "987", "-f", "0", "1", "-o", str(tmp_path / "cv"), "--no_progress",
+                          "--labels", "2", "--landmarks", "mitral_valve"])
+    summary = json.loads((tmp_path / "cv" / "crossval_summary.json").read_text())
+    assert summary["labels"] == {"LV_blood_cavity": 1, "LV_myocardium": 2}
+    assert summary["landmarks"] == ["apex", "mitral_valve"]
+    truth = study["truth"]
+    for n, row in enumerate(summary["per_case"]):
+        t = truth[row["case"]]
+        assert row["error_mm"] == row["error_mm_apex"] == pytest.approx(n + 1, abs=1e-9)
+        assert row["error_mm_mitral_valve"] == pytest.approx(2.0, abs=1e-9)
+        assert row["dice"] == row["dice_LV_blood_cavity"]
+        assert row["dice_LV_myocardium"] == 1.0
+        expected = expected_mean_position(study, row["fold"], row["case"], "mitral_valve")
+        assert row["mean_position_error_mm_mitral_valve"] == pytest.approx(
+            np.linalg.norm(expected - t["points"]["mitral_valve"]), abs=1e-6)
+        assert row["mean_position_error_mm_apex"] == row["mean_position_error_mm"]
+    assert summary["overall"]["error_mm_mitral_valve"]["mean"] == pytest.approx(2.0)
+    assert summary["overall"]["error_mm"]["mean"] == pytest.approx(2.5)
+    with open(tmp_path / "cv" / "crossval_summary.csv") as f:
+        header = next(csv.reader(f))
+    assert header[:7] == ["fold", "case", "dice", "error_mm", "confidence", "geometric_tip_error_mm",
+                          "mean_position_error_mm"]
+    assert {"dice_LV_myocardium", "error_mm_mitral_valve", "mean_position_error_mm_mitral_valve",
+            "confidence_mitral_valve"} <= set(header)
+    markdown = (tmp_path / "cv" / "crossval_summary.md").read_text()
+    assert "| Dice LV_myocardium | L2 mitral_valve (mm) | Mean position mitral_valve (mm) |" in markdown
+    assert "| mitral_valve error (mm) | 2.00 ± 0.00 | 2.00 | |" in (tmp_path / "cv" / "report.md").read_text()
+
+    comparison = compare_to_plain(study["landmark_results"], study["plain_results"], study["raw"], tmp_path / "cmp",
+                                  folds=[0, 1], labels=[2], landmarks=["mitral_valve"], progress=False)
+    myocardium = comparison["dice_per_label"]["LV_myocardium"]
+    plain_myocardium = [independent_dice(truth[c]["reference"] == 2, truth[c]["plain_seg"] == 2) for c in CASES[:4]]
+    assert myocardium["landmark"]["mean"] == 1.0
+    assert myocardium["plain"]["mean"] == pytest.approx(np.mean(plain_myocardium), abs=1e-12)
+    assert comparison["dice_per_label"]["LV_blood_cavity"]["difference"] == comparison["dice"]["difference"]
+    mitral = comparison["landmark_error_mm_per_landmark"]["mitral_valve"]
+    assert mitral["errors"]["error_landmark_model"]["mean"] == pytest.approx(2.0)
+    assert [r["error_landmark_model_apex"] for r in comparison["per_case"]] == [
+        r["error_landmark_model"] for r in comparison["per_case"]]
+    text = (tmp_path / "cmp" / "comparison.md").read_text()
+    assert "### Dice LV_myocardium: landmark model vs plain nnU-Net" in text
+    assert "### mitral_valve error (mm): landmark model vs mean position" in text
 
 
 # ---------------------------------------------------------------------------------------------- compare
