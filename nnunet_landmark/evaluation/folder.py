@@ -321,6 +321,7 @@ class RawDataset:
         if not self.landmarks_folder.is_dir():
             raise EvaluationError(f"{self.landmarks_folder}: missing; the reference landmarks (CASE.mrk.json) of the "
                                   f"raw dataset are needed (see nnUNetv2_convert_MMWHS)")
+        self.references = ReferenceLandmarks(self.landmarks_folder)
         self._geometry: dict[str, ImageGeometry] = {}
         self._landmarks: dict[str, OrderedDict] = {}
 
@@ -348,10 +349,7 @@ class RawDataset:
     def landmarks(self, case: str) -> "OrderedDict[str, np.ndarray]":
         """Every reference landmark of a case (world LPS mm)."""
         if case not in self._landmarks:
-            path = self.landmarks_folder / f"{case}{MARKUPS_SUFFIX}"
-            if not path.is_file():
-                raise EvaluationError(f"{path}: missing; every case needs its reference landmarks")
-            self._landmarks[case] = read_markups(path)
+            self._landmarks[case] = self.references.get(case)
         return self._landmarks[case]
 
     def point(self, case: str, name: str) -> np.ndarray:

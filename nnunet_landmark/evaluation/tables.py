@@ -105,7 +105,8 @@ def _extra_table2_columns(summary: Mapping) -> list[tuple[str, str, int]]:
     extra = [(f"dice_{n}", f"Dice {n}", 3) for n in labels[1:]] if len(labels) > 1 else []
     if len(landmarks) > 1:
         for n in landmarks[1:]:
-            extra += [(f"error_mm_{n}", f"L2 {n} (mm)", 2), (f"mean_position_error_mm_{n}", f"Mean position {n} (mm)", 2)]
+            extra += [(f"error_mm_{n}", f"L2 {n} (mm)", 2),
+                      (f"mean_position_error_mm_{n}", f"Mean position {n} (mm)", 2)]
     return extra
 
 
