@@ -1,4 +1,4 @@
-"""Per-case scores for any labels and any landmarks, and their summaries.
+"""Per-case scores for any labels and any landmarks, their summaries and the paired test between two methods.
 
 Dice comes from nnU-Net's own evaluation code (``region_or_label_to_mask``, ``compute_tp_fp_fn_tn``), so
 a label may also be an nnU-Net region (a tuple of labels) and an ignore label is left out as nnU-Net does.
@@ -21,6 +21,7 @@ from typing import Iterable, Mapping, Sequence, Tuple, Union
 import numpy as np
 
 SUMMARY_KEYS = ("mean", "sd", "median", "min", "max", "n", "n_nan")
+MIN_NONZERO_FOR_SIGNIFICANCE = 6  # the smallest two-sided signed-rank p-value is 2 / 2**n: below 0.05 from n = 6
 LabelOrRegion = Union[int, Tuple[int, ...]]
 
 
@@ -117,6 +118,45 @@ def summarize(values: Iterable[float | None]) -> "dict[str, float | int]":
 def summarize_columns(rows: Sequence[Mapping], columns: Sequence[str]) -> dict:
     """{column: summarize(that column over the rows)}; a row without the column counts as NaN."""
     return {c: summarize(r.get(c) for r in rows) for c in columns}
+
+
+def paired_wilcoxon(first: Sequence[float], second: Sequence[float]) -> dict:
+    """Wilcoxon signed-rank test of ``first - second`` (two-sided, scipy's defaults).
+
+    Pairs with a NaN on either side are dropped. Zero differences are dropped by the test
+    (``zero_method="wilcox"``). Special cases, noted in ``note``:
+
+    * no pairs: ``p_value`` None;
+    * all differences zero: ``p_value`` 1.0 without calling scipy (nothing to test);
+    * fewer than 6 non-zero differences: scipy's exact p-value is reported, but ``underpowered`` is True:
+      the smallest possible two-sided p-value is 2 / 2**n (0.0625 for n = 5), so p < 0.05 is impossible.
+    """
+    from scipy import stats
+
+    a = np.asarray([np.nan if v is None else v for v in first], dtype=np.float64)
+    b = np.asarray([np.nan if v is None else v for v in second], dtype=np.float64)
+    if a.shape != b.shape:
+        raise ValueError(f"paired samples differ in length: {a.shape} and {b.shape}")
+    keep = np.isfinite(a) & np.isfinite(b)
+    differences = a[keep] - b[keep]
+    n_nonzero = int(np.count_nonzero(differences))
+    out = {"n": int(len(differences)), "n_dropped_nan": int(np.count_nonzero(~keep)), "n_nonzero": n_nonzero,
+           "mean_difference": float(differences.mean()) if len(differences) else float("nan"),
+           "median_difference": float(np.median(differences)) if len(differences) else float("nan"),
+           "statistic": None, "p_value": None, "underpowered": True, "note": ""}
+    if len(differences) == 0:
+        out["note"] = "no complete pairs: nothing to test"
+        return out
+    if n_nonzero == 0:
+        out.update(p_value=1.0, note="all paired differences are zero: no difference to test (p reported as 1)")
+        return out
+    result = stats.wilcoxon(differences)
+    out.update(statistic=float(result.statistic), p_value=float(result.pvalue),
+               underpowered=n_nonzero < MIN_NONZERO_FOR_SIGNIFICANCE)
+    if out["underpowered"]:
+        out["note"] = (f"only {n_nonzero} non-zero paired difference(s): the smallest possible two-sided p-value is "
+                       f"{2 / 2 ** n_nonzero:.4g}, so the test cannot show a difference at 0.05")
+    return out
 
 
 def json_ready(obj):

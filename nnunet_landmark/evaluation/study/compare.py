@@ -4,7 +4,7 @@ Both results folders are evaluated fold by fold on the same held-out cases (an e
 sets differ). Reported:
 
 * Dice of the LV label, per case for both models; paired differences (landmark - plain) and the
-  Wilcoxon signed-rank test (``paired_wilcoxon``);
+  Wilcoxon signed-rank test (``metrics.paired_wilcoxon``);
 * landmark error (mm) of: the landmark model; the geometric tip of the plain model's predicted LV; the
   geometric tip of the landmark model's own predicted LV; the mean-position baseline (fitted per fold on
   its training cases). Each baseline is tested against the landmark model with the same paired test.
@@ -23,11 +23,8 @@ import os
 from pathlib import Path
 from typing import Mapping, Sequence
 
-import numpy as np
-from scipy import stats
-
 from nnunet_landmark.evaluation.folder import EvaluationError
-from nnunet_landmark.evaluation.metrics import json_ready, summarize
+from nnunet_landmark.evaluation.metrics import json_ready, paired_wilcoxon, summarize
 from nnunet_landmark.evaluation.study import PAPER
 from nnunet_landmark.evaluation.study.crossval import (RawDataset, evaluate_fold_cases, find_folds, read_splits,
                                                        reported, summary_from_rows, write_crossval_files,
@@ -41,44 +38,6 @@ ERROR_METHODS = {
     "error_tip_landmark": "tip of landmark model's LV",
     "error_mean_position": "mean position",
 }
-MIN_NONZERO_FOR_SIGNIFICANCE = 6
-
-
-def paired_wilcoxon(first: Sequence[float], second: Sequence[float]) -> dict:
-    """Wilcoxon signed-rank test of ``first - second`` (two-sided, scipy's defaults).
-
-    Pairs with a NaN on either side are dropped. Zero differences are dropped by the test
-    (``zero_method="wilcox"``). Special cases, noted in ``note``:
-
-    * no pairs: ``p_value`` None;
-    * all differences zero: ``p_value`` 1.0 without calling scipy (nothing to test);
-    * fewer than 6 non-zero differences: scipy's exact p-value is reported, but ``underpowered`` is True:
-      the smallest possible two-sided p-value is 2 / 2**n (0.0625 for n = 5), so p < 0.05 is impossible.
-    """
-    a = np.asarray([np.nan if v is None else v for v in first], dtype=np.float64)
-    b = np.asarray([np.nan if v is None else v for v in second], dtype=np.float64)
-    if a.shape != b.shape:
-        raise ValueError(f"paired samples differ in length: {a.shape} and {b.shape}")
-    keep = np.isfinite(a) & np.isfinite(b)
-    differences = a[keep] - b[keep]
-    n_nonzero = int(np.count_nonzero(differences))
-    out = {"n": int(len(differences)), "n_dropped_nan": int(np.count_nonzero(~keep)), "n_nonzero": n_nonzero,
-           "mean_difference": float(differences.mean()) if len(differences) else float("nan"),
-           "median_difference": float(np.median(differences)) if len(differences) else float("nan"),
-           "statistic": None, "p_value": None, "underpowered": True, "note": ""}
-    if len(differences) == 0:
-        out["note"] = "no complete pairs: nothing to test"
-        return out
-    if n_nonzero == 0:
-        out.update(p_value=1.0, note="all paired differences are zero: no difference to test (p reported as 1)")
-        return out
-    result = stats.wilcoxon(differences)
-    out.update(statistic=float(result.statistic), p_value=float(result.pvalue),
-               underpowered=n_nonzero < MIN_NONZERO_FOR_SIGNIFICANCE)
-    if out["underpowered"]:
-        out["note"] = (f"only {n_nonzero} non-zero paired difference(s): the smallest possible two-sided p-value is "
-                       f"{2 / 2 ** n_nonzero:.4g}, so the test cannot show a difference at 0.05")
-    return out
 
 
 def _dice_comparison(landmark_values: Sequence[float], plain_values: Sequence[float]) -> dict:
