@@ -277,6 +277,10 @@ def main() -> int:
     parser.add_argument("--warmup", type=int, default=None, help="untimed iterations (default 10; dry run 1)")
     parser.add_argument("--iterations", type=int, default=None, help="timed iterations (default 20; dry run 2)")
     parser.add_argument("--predict-cases", type=int, default=1, help="cases given to nnUNetv2_predict")
+    parser.add_argument("--tta", action="store_true",
+                        help="predict with test-time mirroring (8x the network time, the same for both models)")
+    parser.add_argument("--reuse-training", action="store_true",
+                        help="keep the training measurements and models of an earlier run in the same --workdir")
     parser.add_argument("--worker", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -312,8 +316,14 @@ def main() -> int:
     print(f"  data ready ({seconds['data']:.0f} s): {cases} phantoms, configuration {configuration}", flush=True)
 
     train: dict = {}
+    previous = workdir / "gpu_check.json"
+    if args.reuse_training and previous.exists():  # a run stopped after training: measure the rest
+        train.update(json.loads(previous.read_text()).get("training", {}))
     results["training"] = train
     for label, trainer in TRAINERS:
+        if label in train and Path(train[label]["output_folder"], "checkpoint_final.pth").is_file():
+            print(f"  {label}: reusing {train[label]['seconds_per_iteration']:.3f} s/iteration from {previous}")
+            continue
         t = time.perf_counter()
         save_partial(workdir, results)
         train[label] = call_worker(["train", trainer, configuration, device, str(warmup), str(timed)], env, log,
@@ -337,7 +347,8 @@ def main() -> int:
         prediction[label] = {"seconds": run(
             [bin_path("nnUNetv2_predict"), "-i", str(inputs), "-o", str(out), "-d", str(DATASET_ID), "-c",
              configuration, "-f", "0", "-tr", trainer, "-p", PLANS, "-chk", "checkpoint_final.pth", "-device",
-             device] + (["-npp", "1", "-nps", "1"] if dry else []), env, log)}
+             device] + (["-npp", "1", "-nps", "1"] if dry else []) + ([] if args.tta else ["--disable_tta"]), env,
+            log)}
         cases_out = [p.name[:-len("_0000.nii.gz")] for p in images]
         prediction[label]["segmentations"] = sum((out / f"{c}.nii.gz").is_file() for c in cases_out)
         prediction[label]["markups"] = sum((out / f"{c}.mrk.json").is_file() for c in cases_out)
@@ -345,6 +356,7 @@ def main() -> int:
         print(f"  nnUNetv2_predict {label}: {prediction[label]['seconds']:.1f} s", flush=True)
     results["prediction"] = prediction
     results["prediction_cases"] = len(images)
+    results["prediction_tta"] = bool(args.tta)
 
     csv_rows = (workdir / "mmwhs" / "landmarks.csv").read_text().splitlines()[1:]
     case = images[0].name[:-len("_0000.nii.gz")]
@@ -444,7 +456,8 @@ def render_table(results: dict, configuration: str, warmup: int, timed: int) -> 
         f"{lm['skipped_gradscaler_steps']['timed']} | | 0 timed |",
         f"| losses finite (last) | {np.all(np.isfinite(pl['losses']))} ({pl['losses'][-1]:.3f}) | "
         f"{np.all(np.isfinite(lm['losses']))} ({lm['losses'][-1]:.3f}) | | all |",
-        f"| `nnUNetv2_predict`, {results['prediction_cases']} cases (s) | {pr['plain']['seconds']:.1f} | "
+        f"| `nnUNetv2_predict`, {results['prediction_cases']} case(s), TTA {'on' if results.get('prediction_tta') else 'off'}"
+        f" (s) | {pr['plain']['seconds']:.1f} | "
         f"{pr['landmark']['seconds']:.1f} | {ra['prediction']:.3f} | {target('prediction')} |",
         f"| landmark files (markups / landmarks.csv) | {pr['plain']['markups']} / {pr['plain']['landmark_table']} | "
         f"{pr['landmark']['markups']} / {pr['landmark']['landmark_table']} | | none for plain |",
