@@ -11,6 +11,28 @@ from torch import nn
 HEATMAP_LOSSES = ("mse", "bce")
 
 
+def heatmap_term(heatmap_logits: list, target: torch.Tensor, weights: tuple, kind: str = "mse"):
+    """(weighted sum over outputs, the first output's unweighted term) of the heatmap loss, in float32.
+
+    ``heatmap_logits``: the heatmap channels of each network output used (highest resolution first); the target
+    is average-pooled (``area``) to each output's size. One function, so that ``torch.compile`` sees every
+    deep-supervision output in one graph.
+    """
+    with torch.autocast(device_type=target.device.type, enabled=False):
+        target = target.float()
+        total = first = None
+        for weight, logits in zip(weights, heatmap_logits):
+            scaled = target if logits.shape[2:] == target.shape[2:] else \
+                F.interpolate(target, size=logits.shape[2:], mode="area")
+            if kind == "mse":
+                term = F.mse_loss(torch.sigmoid(logits.float()), scaled)
+            else:
+                term = F.binary_cross_entropy_with_logits(logits.float(), scaled)
+            total = weight * term if total is None else total + weight * term
+            first = term if first is None else first
+    return total, first
+
+
 class SegmentationHeatmapLoss(nn.Module):
     """nnU-Net's (deep-supervised) segmentation loss plus the paper's heatmap term.
 
@@ -27,7 +49,7 @@ class SegmentationHeatmapLoss(nn.Module):
 
     def __init__(self, segmentation_loss: nn.Module, num_segmentation_channels: int, heatmap_weight: float = 10.0,
                  deep_supervision: bool = False, heatmap_loss: str = "mse",
-                 deep_supervision_weights: Sequence[float] | None = None):
+                 deep_supervision_weights: Sequence[float] | None = None, compile: bool = False):
         super().__init__()
         if heatmap_loss not in HEATMAP_LOSSES:
             raise ValueError(f"unknown heatmap loss {heatmap_loss!r}; use one of {HEATMAP_LOSSES}")
@@ -38,6 +60,13 @@ class SegmentationHeatmapLoss(nn.Module):
         self.deep_supervision = bool(deep_supervision)
         self.deep_supervision_weights = None if deep_supervision_weights is None else \
             tuple(float(w) for w in deep_supervision_weights)
+        # nnU-Net compiles its Dice term when it compiles the network; eagerly, this term is dozens of small
+        # kernels forward and backward (one sigmoid, pooling and MSE per deep-supervision output), which cost
+        # 11% of a ResEnc-M step on an H200 (benchmarks/RESULTS.md). One compiled function fuses them.
+        self.last_segmentation_loss: torch.Tensor | None = None
+        self.last_heatmap_loss: torch.Tensor | None = None
+        self.compiled = bool(compile)
+        self._heatmap_term = torch.compile(heatmap_term) if compile else heatmap_term
 
     def heatmap_weights(self, num_outputs: int) -> tuple[float, ...]:
         """The heatmap term's weight per network output (highest resolution first)."""
@@ -47,8 +76,6 @@ class SegmentationHeatmapLoss(nn.Module):
         if weights is None or len(weights) < num_outputs:
             raise ValueError(f"{num_outputs} network outputs but deep supervision weights {weights}")
         return tuple(float(w) for w in weights[:num_outputs])
-        self.last_segmentation_loss: torch.Tensor | None = None
-        self.last_heatmap_loss: torch.Tensor | None = None
 
     def forward(self, output, target: list) -> torch.Tensor:
         c = self.num_segmentation_channels
@@ -63,21 +90,11 @@ class SegmentationHeatmapLoss(nn.Module):
         else:
             segmentation = self.segmentation_loss(segmentation_outputs[0], segmentation_targets[0])
         weights = self.heatmap_weights(len(outputs))
-        with torch.autocast(device_type=outputs[0].device.type, enabled=False):
-            target = heatmap_target.float()
-            heatmap = full_resolution = None
-            for weight, o in zip(weights, outputs):
-                if weight == 0:
-                    continue
-                scaled = target if o.shape[2:] == target.shape[2:] else \
-                    F.interpolate(target, size=o.shape[2:], mode="area")
-                if self.heatmap_loss == "mse":
-                    mse = F.mse_loss(torch.sigmoid(o[:, c:].float()), scaled)
-                else:
-                    mse = F.binary_cross_entropy_with_logits(o[:, c:].float(), scaled)
-                heatmap = weight * mse if heatmap is None else heatmap + weight * mse
-                if o is outputs[0]:
-                    full_resolution = mse
+        used = [(w, o[:, c:]) for w, o in zip(weights, outputs) if w != 0]  # a zero weight skips that output
+        heatmap, full_resolution = self._heatmap_term([o for _, o in used], heatmap_target,
+                                                      tuple(w for w, _ in used), self.heatmap_loss)
+        if used and used[0][1].shape[2:] != outputs[0].shape[2:]:
+            full_resolution = None
         self.last_segmentation_loss = segmentation.detach()
         # the log shows the full-resolution MSE, comparable with or without deep supervision
         self.last_heatmap_loss = (full_resolution if full_resolution is not None else heatmap).detach()

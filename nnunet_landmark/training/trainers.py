@@ -163,7 +163,7 @@ class nnUNetTrainerLandmark(nnUNetTrainer):
         return SegmentationHeatmapLoss(super()._build_loss(), self.landmark_heads.num_segmentation_heads,
                                        self.heatmap_loss_weight,
                                        deep_supervision=self.heatmap_deep_supervision and self.enable_deep_supervision,
-                                       heatmap_loss=self.heatmap_loss)
+                                       heatmap_loss=self.heatmap_loss, compile=self._do_i_compile())
 
     def get_dataloaders(self):
         def factory(*args, **kwargs) -> nnUNetLandmarkDataLoader:
