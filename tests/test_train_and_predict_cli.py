@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +19,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from conftest import CONFIG, PLANS, environment, run_cli, shared_data
+from conftest import BIN, CONFIG, PLANS, environment, run_cli, shared_data
 from nnunet_landmark.geometry import ImageGeometry
 from nnunet_landmark.landmark_files import read_landmark_table, read_markups
 
@@ -51,6 +53,16 @@ def plain_model(smoke_dataset):
     env = smoke_dataset["env"]
     train(env, PLAIN_TRAINER, 0)
     return {**smoke_dataset, "folder": results_folder(env, PLAIN_TRAINER)}
+
+
+@pytest.fixture(scope="session")
+def pretrained_fold(landmark_model, plain_model):
+    """Fold 1 of the landmark model, started from the plain model's fold-0 weights (``-pretrained_weights``): the
+    second fold of the two-fold prediction test, whichever test asks for it first."""
+    env = landmark_model["env"]
+    result = train(env, LANDMARK_TRAINER, 1, "-pretrained_weights",
+                   str(plain_model["folder"] / "fold_0" / "checkpoint_final.pth"))
+    return {**landmark_model, "pretrained_log": result.stdout}
 
 
 def reference_landmarks(env, case: str) -> dict:
@@ -120,16 +132,71 @@ def test_resume_with_c_continues_the_run(landmark_model):
     assert (fold / "validation" / "landmark_summary.json").is_file()
 
 
-def test_val_reruns_the_final_validation(landmark_model):
+def test_resume_after_a_hard_kill_in_the_middle_of_an_epoch(landmark_model):
+    """SIGKILL (no clean-up of any kind) once the second epoch has started, then ``--c``: training goes on from the
+    first epoch's checkpoint and ends with the landmark validation files."""
+    env = landmark_model["env"]
+    fold = landmark_model["folder"] / "fold_3"
+    if fold.exists():
+        shutil.rmtree(fold)
+    command = [str(BIN / "nnUNetv2_train"), str(DATASET_ID), CONFIG, "3", "-tr", LANDMARK_TRAINER, "-p", PLANS,
+               "-device", "cpu"]
+    process = subprocess.Popen(command, env={**os.environ, **env, "PYTHONUNBUFFERED": "1"}, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    seen = []
+    try:
+        for line in process.stdout:
+            seen.append(line)
+            if line.rstrip().endswith("Epoch 1"):  # epoch 0's checkpoint is written; epoch 1's iterations start
+                break
+    finally:  # the trainer and its data augmentation workers, all in the new session's process group
+        os.killpg(process.pid, signal.SIGKILL)
+        process.stdout.close()
+        process.wait(timeout=60)
+    assert process.returncode == -signal.SIGKILL, "".join(seen)[-3000:]
+    assert not (fold / "checkpoint_final.pth").exists(), "the run finished before the kill: nothing was tested"
+    latest = torch.load(fold / "checkpoint_latest.pth", map_location="cpu", weights_only=False)
+    assert latest["current_epoch"] == 1
+    assert not (fold / "validation").exists()
+
+    result = train(env, LANDMARK_TRAINER, 3, "--c")
+    assert "Epoch 1" in result.stdout and "Epoch 0\n" not in result.stdout
+    checkpoint = torch.load(fold / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    assert checkpoint["current_epoch"] == 2
+    assert len(checkpoint["logging"]["val_landmark_errors_mm"]) == 2
+    assert checkpoint["logging"]["train_heatmap_losses"][0] == latest["logging"]["train_heatmap_losses"][0]
+    val_cases = sorted(json.loads((Path(env["nnUNet_preprocessed"]) / DATASET / "splits_final.json").read_text())[3]["val"])
+    summary = json.loads((fold / "validation" / "landmark_summary.json").read_text())
+    assert sorted(summary["per_case"]) == val_cases
+    assert all(np.isfinite(e) for case in summary["per_case"].values() for e in case.values())
+    table = read_landmark_table(fold / "validation" / "landmarks.csv")
+    assert sorted((r["case"], r["name"]) for r in table) == sorted((c, n) for c in val_cases for n in LANDMARKS)
+    for case in val_cases:
+        assert list(read_markups(fold / "validation" / f"{case}.mrk.json")) == LANDMARKS
+
+
+def test_val_reruns_the_final_validation(landmark_model, tmp_path):
+    """--val on the finished fold: the same checkpoint validated again gives the same landmarks and errors."""
     env, fold = landmark_model["env"], landmark_model["folder"] / "fold_0"
     before = (fold / "checkpoint_final.pth").stat().st_mtime
-    shutil.rmtree(fold / "validation")
-    train(env, LANDMARK_TRAINER, 0, "--val")
-    assert (fold / "validation" / "landmark_summary.json").is_file()
-    assert (fold / "checkpoint_final.pth").stat().st_mtime == before
+    first = json.loads((fold / "validation" / "landmark_summary.json").read_text())
+    first_table = read_landmark_table(fold / "validation" / "landmarks.csv")
+    shutil.move(fold / "validation", tmp_path / "first_validation")
+    try:
+        train(env, LANDMARK_TRAINER, 0, "--val")
+        again = json.loads((fold / "validation" / "landmark_summary.json").read_text())
+        assert again == first
+        assert len(again["per_case"]) == 2
+        assert sorted(map(str, read_landmark_table(fold / "validation" / "landmarks.csv"))) == \
+            sorted(map(str, first_table))
+        assert (fold / "checkpoint_final.pth").stat().st_mtime == before
+    finally:  # the first validation stays for the tests that read it, whatever happened
+        if (fold / "validation").exists():
+            shutil.rmtree(fold / "validation")
+        shutil.move(tmp_path / "first_validation", fold / "validation")
 
 
-def test_plain_trainer_is_unchanged_and_its_weights_pretrain_a_landmark_model(plain_model):
+def test_plain_trainer_is_unchanged_and_its_weights_pretrain_a_landmark_model(plain_model, pretrained_fold):
     env, folder = plain_model["env"], plain_model["folder"]
     plans = json.loads((folder / "plans.json").read_text())
     assert "nnunet_landmark" not in plans
@@ -140,8 +207,7 @@ def test_plain_trainer_is_unchanged_and_its_weights_pretrain_a_landmark_model(pl
     assert (validation / "summary.json").is_file()
     assert not list(validation.glob("*.mrk.json")) and not (validation / "landmarks.csv").exists()
     # -pretrained_weights from the plain checkpoint (same plans): everything but the output layers transfers
-    result = train(env, LANDMARK_TRAINER, 1, "-pretrained_weights", str(folder / "fold_0" / "checkpoint_final.pth"))
-    assert "Loading pretrained weights" in result.stdout
+    assert "Loading pretrained weights" in pretrained_fold["pretrained_log"]
     assert (results_folder(env, LANDMARK_TRAINER) / "fold_1" / "checkpoint_final.pth").is_file()
 
 
@@ -246,7 +312,6 @@ def test_predict_writes_segmentation_and_landmarks(landmark_model, prediction_in
             np.testing.assert_allclose([row["x"], row["y"], row["z"]], markups[row["name"]], atol=1e-3)
             np.testing.assert_allclose(geometry.index_to_world([float(row[k]) for k in "ijk"]), markups[row["name"]],
                                        atol=1e-3)
-            assert 0.0 <= float(row["confidence"]) <= 1.0
         # the segmentation is exactly nnU-Net's export of the C segmentation channels
         predictor, logits, pre_properties, _, _ = in_process_logits(env, landmark_model["folder"], (0,), image, False)
         expected = convert_predicted_logits_to_segmentation_with_correct_shape(
@@ -257,17 +322,19 @@ def test_predict_writes_segmentation_and_landmarks(landmark_model, prediction_in
                                    predictor.configuration_manager, predictor.landmark_heads)
         for name in LANDMARKS:
             np.testing.assert_allclose(markups[name], decoded[name]["world"], atol=1e-3)
+        # the confidence in the table is the decoder's for these logits
+        for row in (r for r in table if r["case"] == case):
+            assert float(row["confidence"]) == pytest.approx(decoded[row["name"]]["confidence"], abs=1e-4)
 
 
-def test_predict_with_tta_two_folds_probabilities_and_continue(landmark_model, prediction_inputs, tmp_path):
+def test_predict_with_tta_two_folds_probabilities_and_continue(pretrained_fold, prediction_inputs, tmp_path):
     from nnunet_landmark.inference import decode_landmarks
 
+    landmark_model = pretrained_fold  # folds 0 and 1 (the latter pretrained), whatever order the tests run in
     env, (inputs, cases) = landmark_model["env"], prediction_inputs
     single = tmp_path / "single"
     single.mkdir()
     shutil.copyfile(inputs / f"{cases[0]}_0000.nii.gz", single / f"{cases[0]}_0000.nii.gz")
-    if not (landmark_model["folder"] / "fold_1" / "checkpoint_final.pth").exists():
-        train(env, LANDMARK_TRAINER, 1)
     out = tmp_path / "pred_tta"
     predict(env, single, out, LANDMARK_TRAINER, ("0", "1"), "--save_probabilities", "-npp", "1", "-nps", "1")
     case = cases[0]
@@ -285,7 +352,12 @@ def test_predict_with_tta_two_folds_probabilities_and_continue(landmark_model, p
         heatmap = sitk.ReadImage(str(out / "heatmaps" / f"{case}_{name}.nii.gz"))
         assert ImageGeometry.from_image(heatmap).same_grid_as(ImageGeometry.from_file(image))
         values = sitk.GetArrayFromImage(heatmap)
-        assert values.min() >= 0 and values.max() <= 1
+        # the log-distance heatmap has its minimum where the landmark was exported (measured: the lowest value, or
+        # within the lowest 0.01 %; sub-voxel decoding and resampling to this grid move it by a voxel at most)
+        voxel = np.round(ImageGeometry.from_image(heatmap).world_to_array_index(markups[name])).astype(int)
+        assert np.all(voxel >= 0) and np.all(voxel < values.shape), (name, voxel)
+        assert values.max() - values.min() > 0.1, f"{name}: a flat heatmap makes the next check empty"
+        assert (values < values[tuple(voxel)]).mean() < 0.01, name
     # --continue_prediction on the full input folder leaves the finished case alone and completes the table
     stamps = {p.name: p.stat().st_mtime for p in out.iterdir() if p.is_file()}
     predict(env, inputs, out, LANDMARK_TRAINER, ("0", "1"), "--save_probabilities", "--continue_prediction",
@@ -294,6 +366,35 @@ def test_predict_with_tta_two_folds_probabilities_and_continue(landmark_model, p
     assert all((out / f"{c}.nii.gz").exists() and (out / f"{c}.mrk.json").exists() for c in cases)
     table = read_landmark_table(out / "landmarks.csv")
     assert sorted((r["case"], r["name"]) for r in table) == sorted((c, n) for c in cases for n in LANDMARKS)
+
+
+def test_exported_model_installs_into_an_empty_results_folder_and_predicts(landmark_model, single_input, tmp_path):
+    """Sharing a model the nnU-Net way: nnUNetv2_export_model_to_zip, then nnUNetv2_install_pretrained_model_from_zip
+    where nnU-Net's folders are empty; nnUNetv2_predict there gives the landmarks the original folder gives."""
+    import zipfile
+
+    env, (inputs, cases) = landmark_model["env"], single_input
+    archive = tmp_path / "model.zip"
+    run_cli(["nnUNetv2_export_model_to_zip", "-d", str(DATASET_ID), "-o", str(archive), "-c", CONFIG,
+             "-tr", LANDMARK_TRAINER, "-p", PLANS, "-f", "0"], env)
+    model = f"{DATASET}/{LANDMARK_TRAINER}__{PLANS}__{CONFIG}"
+    assert {f"{model}/plans.json", f"{model}/fold_0/checkpoint_final.pth"} <= set(zipfile.ZipFile(archive).namelist())
+    elsewhere = {key: str(tmp_path / "elsewhere" / key) for key in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")}
+    for folder in elsewhere.values():
+        Path(folder).mkdir(parents=True)
+    run_cli(["nnUNetv2_install_pretrained_model_from_zip", str(archive)], elsewhere)
+    assert (Path(elsewhere["nnUNet_results"]) / model / "fold_0" / "checkpoint_final.pth").is_file()
+    installed, original = tmp_path / "pred_installed", tmp_path / "pred_original"
+    predict(elsewhere, inputs, installed, LANDMARK_TRAINER, ("0",), "--disable_tta")
+    predict(env, inputs, original, LANDMARK_TRAINER, ("0",), "--disable_tta")
+    for case in cases:
+        got, expected = read_markups(installed / f"{case}.mrk.json"), read_markups(original / f"{case}.mrk.json")
+        assert list(got) == LANDMARKS
+        for name in LANDMARKS:
+            np.testing.assert_array_equal(got[name], expected[name])
+        np.testing.assert_array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(installed / f"{case}.nii.gz"))),
+                                      sitk.GetArrayFromImage(sitk.ReadImage(str(original / f"{case}.nii.gz"))))
+    assert read_landmark_table(installed / "landmarks.csv") == read_landmark_table(original / "landmarks.csv")
 
 
 def test_predict_from_modelfolder(landmark_model, prediction_inputs, tmp_path):
