@@ -160,3 +160,29 @@ def test_the_pipeline_is_copied_not_changed():
     assert isinstance(adapted, ComposeTransforms) and adapted is not transforms
     assert type(adapted.transforms[0]).__name__ == "LandmarkSpatialTransform"
     assert adapted.transforms[0].p_rotation == transforms.transforms[0].p_rotation
+
+
+def test_same_samples_and_random_draws_as_plain_nnunet():
+    """Seeded alike, the landmark loader yields exactly plain nnU-Net's images and segmentations (it augments inside
+    nnU-Net's own loop), so landmark and plain models train on the same data."""
+    from nnunetv2.training.dataloading.data_loader import nnUNetDataLoader
+
+    rng = np.random.default_rng(2)
+    landmarks = {f"case_{i}": rng.uniform(10, 30, size=(2, 3)) for i in range(4)}
+    patch = (24, 24, 24)
+    transforms, initial = trainer_pipeline(patch, False, True)
+    common = (BrightSphereDataset(landmarks), 2, initial, patch, LabelManager({"background": 0, "thing": 1}, None))
+    landmark = nnUNetLandmarkDataLoader(*common, oversample_foreground_percent=0.33, transforms=transforms,
+                                        landmarks=landmarks, spacing=SPACING, encoding=ENCODINGS[0])
+    plain = nnUNetDataLoader(*common, oversample_foreground_percent=0.33, transforms=transforms)
+    for seed in range(4):
+        batches = []
+        for loader in (landmark, plain):
+            np.random.seed(seed)
+            torch.manual_seed(seed)
+            batches.append(loader.generate_train_batch())
+        ours, theirs = batches
+        assert list(ours["keys"]) == list(theirs["keys"])
+        assert torch.equal(ours["data"], theirs["data"])
+        assert len(ours["target"]) == len(theirs["target"]) + 1
+        assert all(torch.equal(a, b) for a, b in zip(ours["target"], theirs["target"]))
