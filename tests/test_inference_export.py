@@ -329,6 +329,42 @@ def test_the_export_uses_the_sliding_window_the_predictor_used(step_size):
         assert not np.array_equal(reliable_sliding_window_region(shape, (16, 24, 24), other), valid)
 
 
+@pytest.mark.parametrize("kind", ["log_distance", "gaussian"])
+def test_landmarks_agree_across_step_sizes(kind):
+    """A network that passes a heatmap through (its logits are the input): whatever the step size, nnU-Net's
+    float16 sliding-window average gives the same heatmap back, and the export decodes the same landmark, the
+    true one."""
+    import torch
+
+    shape, spacing = (40, 70, 58), np.array([1.0, 1.0, 1.0])
+    truth = np.array([17.3, 40.6, 21.8])
+    encoding = HeatmapEncoding(kind)
+    h = np.clip(render_heatmaps(shape, truth[None], spacing, encoding)[0], 1e-4, 1 - 1e-4)
+    heatmap_logits = torch.from_numpy(np.log(h / (1 - h)).astype(np.float32))
+    properties = {"spacing": [1.0, 1.0, 1.0], "shape_before_cropping": shape,
+                  "bbox_used_for_cropping": [[0, n] for n in shape], "shape_after_cropping_and_before_resampling": shape,
+                  "sitk_stuff": {"spacing": (1.0, 1.0, 1.0), "origin": (0.0, 0.0, 0.0),
+                                 "direction": tuple(np.eye(3).ravel())}}
+    decoded = {}
+    for step in (0.3, 0.5, 1.0):
+        predictor = tiny_landmark_predictor(step)
+        predictor.plans_manager.plans["nnunet_landmark"]["heatmap_encoding"] = encoding.to_dict()
+        with torch.no_grad():
+            predictor.network.weight.zero_()
+            predictor.network.bias.zero_()
+            predictor.network.weight[2, 0] = 1.0  # heatmap channel = input
+        predictor.list_of_parameters = [predictor.network.state_dict()]
+        logits = predictor.predict_logits_from_preprocessed_data(heatmap_logits[None]).numpy()
+        assert logits.dtype == np.float16
+        decoded[step] = decode_landmarks(logits[2:], properties, predictor.plans_manager,
+                                         predictor.configuration_manager, predictor.landmark_heads)["apex"]
+        # world = index (x, y, z) of this identity geometry; the array is (z, y, x)
+        assert np.linalg.norm(decoded[step]["world"] - truth[::-1]) < 0.05, (step, decoded[step]["world"])
+    for step in (0.3, 1.0):
+        assert np.linalg.norm(decoded[step]["world"] - decoded[0.5]["world"]) < 0.02
+        assert abs(decoded[step]["confidence"] - decoded[0.5]["confidence"]) < 0.02
+
+
 # ---------------------------------------------------------------------------------------------- table locking
 def _write_cases(folder: str, worker: int, cases: int, no_flock: bool) -> None:
     import errno
