@@ -58,21 +58,27 @@ class SlidingWindowRegion:
     segmentation argmax, fatal for a heatmap argmin. The windows form a Cartesian grid (placed by the
     predictor's ``tile_step_size``) and the Gaussian is separable, so the weight sum is a product of per-axis
     sums; we keep voxels where it reaches ``minimum_weight``. Landmarks inside the anatomy are far from those
-    corners. Indexing (``region[box]``) gives the boolean mask of a box; the whole mask is never needed at
-    once (``np.asarray(region)`` builds it slab by slab, one byte a voxel).
+    corners. Between the first and last window centres of every axis, where tails meet only at the seams of
+    step sizes above 0.5 (weight ~7e-3 at -step_size 1), the float16 sums are normal numbers down to far
+    lower weights: there ``seam_minimum_weight`` applies, so that a landmark on a seam is not pushed off it
+    (for step sizes up to 0.5 every voxel there already reaches ``minimum_weight``: the region is unchanged).
+    Indexing (``region[box]``) gives the boolean mask of a box; the whole mask is never needed at once
+    (``np.asarray(region)`` builds it slab by slab, one byte a voxel).
     """
 
     def __init__(self, shape, patch_size, step_size: float = 0.5, use_gaussian: bool = True,
-                 minimum_weight: float = 1e-2):
+                 minimum_weight: float = 1e-2, seam_minimum_weight: float = 1e-4):
         self.shape = tuple(int(s) for s in shape)
-        self.step_size, self.use_gaussian, self.minimum_weight = float(step_size), bool(use_gaussian), minimum_weight
+        self.step_size, self.use_gaussian = float(step_size), bool(use_gaussian)
+        self.minimum_weight, self.seam_minimum_weight = minimum_weight, seam_minimum_weight
         patch = [int(p) for p in patch_size]
         padded = [max(s, p) for s, p in zip(self.shape, patch)]
         self.steps = nnunet_integration.sliding_window_steps(padded, patch, step_size)
-        self.axis_weights = []
+        self.axis_weights, self.between_centres = [], []
         for axis, (n, p) in enumerate(zip(self.shape, patch)):
             offset = (padded[axis] - n) // 2  # nnU-Net pads small images symmetrically
             x = np.arange(n, dtype=np.float64) + offset
+            self.between_centres.append((x >= self.steps[axis][0] + p // 2) & (x <= self.steps[axis][-1] + p // 2))
             sigma = p / 8.0
             weight = np.zeros(n)
             for start in self.steps[axis]:
@@ -89,14 +95,20 @@ class SlidingWindowRegion:
         kept = [i for i, b in enumerate(box) if not isinstance(b, (int, np.integer))]
         if not self.use_gaussian:  # plain averages of whole windows: nothing is subnormal
             return np.ones([parts[i].size for i in kept], dtype=bool) if kept else np.bool_(True)
+        inside = [c[b] for c, b in zip(self.between_centres, box)]
         for position, axis in enumerate(kept):
             view = [1] * len(kept)
             view[position] = parts[axis].size
             parts[axis] = parts[axis].reshape(view)
+            inside[axis] = inside[axis].reshape(view)
         total = 10.0 * parts[0]  # the same float64 operations, in the same order, for a box as for the volume
         for w in parts[1:]:
             total = total * w
-        return total >= self.minimum_weight
+        valid = total >= self.minimum_weight
+        between = inside[0]
+        for c in inside[1:]:
+            between = between & c
+        return valid | (between & (total >= self.seam_minimum_weight))
 
     def __array__(self, dtype=None, copy=None) -> np.ndarray:
         mask = np.empty(self.shape, dtype=bool)
@@ -106,9 +118,10 @@ class SlidingWindowRegion:
 
 
 def reliable_sliding_window_region(shape, patch_size, step_size: float = 0.5, minimum_weight: float = 1e-2,
-                                   use_gaussian: bool = True) -> np.ndarray:
+                                   use_gaussian: bool = True, seam_minimum_weight: float = 1e-4) -> np.ndarray:
     """The whole boolean mask of ``SlidingWindowRegion`` (one byte a voxel; decoding uses the region itself)."""
-    return np.asarray(SlidingWindowRegion(shape, patch_size, step_size, use_gaussian, minimum_weight))
+    return np.asarray(SlidingWindowRegion(shape, patch_size, step_size, use_gaussian, minimum_weight,
+                                          seam_minimum_weight))
 
 
 def decode_landmarks(heatmap_logits: Union[np.ndarray, torch.Tensor], properties: dict, plans_manager: PlansManager,
