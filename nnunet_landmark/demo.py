@@ -2,14 +2,20 @@
 
     nnUNetv2_landmark_demo -o demo_output
 
-1. synthetic cardiac CT phantoms written in the MM-WHS CT release layout (+ apex sphere masks),
-2. ``nnUNetv2_convert_MMWHS`` -> an nnU-Net dataset with landmarks and cross-validation splits,
+1. synthetic cardiac CT phantoms written in the MM-WHS CT release layout (+ their landmark annotations CSV),
+2. ``nnUNetv2_convert_MMWHS`` -> an nnU-Net dataset with three landmarks (apex, mitral valve, aortic valve) and
+   cross-validation splits,
 3. ``nnUNetv2_plan_and_preprocess`` (ResEnc-M planner); on a CPU a small configuration ``3d_cpu`` is added,
 4. ``nnUNetv2_train`` of ``nnUNetTrainerLandmark`` and of a plain nnU-Net trainer with the same budget,
 5. ``nnUNetv2_predict`` of both models on phantoms neither has seen,
 6. evaluation: the cross-validation fold (the paper's Table 2 layout) and the unseen test set, against plain
-   nnU-Net and the two baselines (mean position; geometric tip of the predicted LV),
-7. ``report.md`` with tables, learning curves, comparison plots and QC figures.
+   nnU-Net and the two apex baselines (mean position; geometric tip of the predicted LV), with every landmark's
+   error on the unseen phantoms,
+7. alignment, the paper's purpose: each unseen phantom's predicted landmarks are aligned rigidly
+   (``nnunet_landmark.alignment``) to the same phantom under a known random rigid transform (a stand-in for
+   another modality); the target registration error on the true LV surface, against the same alignment from the
+   true landmarks,
+8. ``report.md`` with tables, learning curves, comparison plots, QC figures and an alignment figure.
 
 Everything lands in the output folder (``nnUNet_raw`` / ``_preprocessed`` / ``_results`` inside it), so the demo
 never touches a user's nnU-Net folders.
@@ -30,6 +36,10 @@ import numpy as np
 DATASET_ID = 850
 DATASET = "Dataset850_MMWHSPhantoms"
 PLANS = "nnUNetResEncUNetMPlans"
+LANDMARKS = ("apex", "mitral_valve", "aortic_valve")  # heatmap channel order; all three annotated on the phantoms
+LV_CAVITY = 500  # MM-WHS label of the LV blood cavity
+# the stand-in for another modality: the phantom moved by a random rotation and translation up to these
+MAX_ROTATION_DEGREES, MAX_TRANSLATION_MM = 30.0, 50.0
 PROGRESS = re.compile(r"(Epoch \d+$|Pseudo dice|landmark error in validation|Mean [Vv]alidation|Predicting |"
                       r"Wrote |Preprocessing cases|done with)")
 
@@ -70,11 +80,12 @@ def run(command: list[str], env: dict, log: Path) -> None:
 
 
 def evaluate_test_set(prediction_folder: Path, test_root: Path, truth: dict, train_geometries: list) -> list[dict]:
-    """Per unseen case: LV Dice, the model's apex error, and both baselines' errors (mm)."""
+    """Per unseen case: LV Dice, the model's error per landmark (apex also as ``error_model_mm``), and both apex
+    baselines' errors (mm)."""
     import SimpleITK as sitk
 
     from nnunet_landmark.baselines import MeanPositionBaseline, apex_from_segmentation
-    from nnunet_landmark.evaluation.metrics import dice
+    from nnunet_landmark.evaluation.metrics import dice, landmark_errors_mm
     from nnunet_landmark.geometry import ImageGeometry
     from nnunet_landmark.landmark_files import read_markups
 
@@ -84,12 +95,13 @@ def evaluate_test_set(prediction_folder: Path, test_root: Path, truth: dict, tra
         geometry = ImageGeometry.from_file(test_root / "ct_train" / f"{case}_image.nii.gz")
         reference = sitk.GetArrayFromImage(sitk.ReadImage(str(test_root / "ct_train" / f"{case}_label.nii.gz")))
         predicted = sitk.GetArrayFromImage(sitk.ReadImage(str(prediction_folder / f"{case}.nii.gz")))
-        row = {"case": case, "dice": dice(reference == 500, predicted == 1),
+        row = {"case": case, "dice": dice(reference == LV_CAVITY, predicted == 1),
                "error_tip_mm": float(np.linalg.norm(apex_from_segmentation(predicted, geometry, 1) - landmarks["apex"])),
                "error_mean_position_mm": float(np.linalg.norm(mean_position.predict(geometry) - landmarks["apex"]))}
         markups = prediction_folder / f"{case}.mrk.json"
         if markups.exists():
-            row["error_model_mm"] = float(np.linalg.norm(read_markups(markups)["apex"] - landmarks["apex"]))
+            row["landmark_errors_mm"] = landmark_errors_mm(read_markups(markups), landmarks, LANDMARKS)
+            row["error_model_mm"] = row["landmark_errors_mm"]["apex"]
         rows.append(row)
     return rows
 
@@ -114,6 +126,122 @@ def test_set_markdown(landmark_rows: list[dict], plain_rows: list[dict]) -> str:
         lines.append(f"| {a['case']} | {a['dice']:.3f} | {b['dice']:.3f} | {a['error_model_mm']:.2f} | "
                      f"{a['error_tip_mm']:.2f} | {b['error_tip_mm']:.2f} | {a['error_mean_position_mm']:.2f} |")
     return "\n".join(lines) + "\n"
+
+
+def landmark_errors_markdown(landmark_rows: list[dict]) -> str:
+    """The landmark model's error per landmark on the unseen phantoms: mean / median / max (mm)."""
+    lines = ["| landmark | error (mm) mean | median | max |", "|---|---|---|---|"]
+    for name in LANDMARKS:
+        errors = np.asarray([r["landmark_errors_mm"][name] for r in landmark_rows], dtype=float)
+        lines.append(f"| {name} | {errors.mean():.2f} | {np.median(errors):.2f} | {errors.max():.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def random_rigid_matrix(rng: np.random.Generator, center: np.ndarray) -> np.ndarray:
+    """4 x 4 matrix of a rotation about ``center`` (random axis, angle up to ``MAX_ROTATION_DEGREES``) followed by a
+    translation (random direction, length up to ``MAX_TRANSLATION_MM``)."""
+    import SimpleITK as sitk
+
+    from nnunet_landmark.alignment import transform_matrix
+
+    axis, direction = rng.normal(size=3), rng.normal(size=3)
+    transform = sitk.VersorRigid3DTransform()
+    transform.SetCenter([float(c) for c in center])
+    transform.SetRotation((axis / np.linalg.norm(axis)).tolist(), float(np.deg2rad(rng.uniform(0, MAX_ROTATION_DEGREES))))
+    transform.SetTranslation((direction / np.linalg.norm(direction) * rng.uniform(0, MAX_TRANSLATION_MM)).tolist())
+    return transform_matrix(transform)
+
+
+def align_test_set(prediction_folder: Path, test_root: Path, truth: dict, seed: int) -> tuple[list[dict], dict]:
+    """Align each unseen phantom's predicted landmarks to its true ones moved by a known random rigid transform.
+
+    Our CT is the moving space, the moved phantom the fixed one ("the other modality"). The estimated transform
+    (ITK convention: fixed -> moving) brings the true LV surface into the fixed space with its inverse; the target
+    registration error (TRE) is that point's distance to where the known transform puts it. The same alignment
+    from the true landmarks is the sanity row (TRE ~ 0). Returns the rows and the first case's points for the figure.
+    """
+    import SimpleITK as sitk
+
+    from nnunet_landmark.alignment import (apply_matrix, fit_landmark_transform, label_surface, landmark_residuals,
+                                           transform_matrix)
+    from nnunet_landmark.landmark_files import read_markups
+
+    rows, figure = [], {}
+    for number, (case, landmarks) in enumerate(truth.items()):
+        true = np.array([landmarks[n] for n in LANDMARKS])
+        predicted_points = read_markups(prediction_folder / f"{case}.mrk.json")
+        predicted = np.array([predicted_points[n] for n in LANDMARKS])
+        known = random_rigid_matrix(np.random.default_rng([seed, number]), true.mean(axis=0))  # moving -> fixed
+        fixed = apply_matrix(known, true)
+        surface, _ = label_surface(sitk.ReadImage(str(test_root / "ct_train" / f"{case}_label.nii.gz")), LV_CAVITY)
+        surface_fixed = apply_matrix(known, surface)
+        row = {"case": case, "surface_points": int(len(surface)),
+               "rotation_degrees": float(np.degrees(np.arccos(np.clip((np.trace(known[:3, :3]) - 1) / 2, -1, 1)))),
+               "translation_mm": float(np.linalg.norm(known[:3, 3] + known[:3, :3] @ true.mean(axis=0)
+                                                      - true.mean(axis=0)))}
+        for source, moving in (("predicted", predicted), ("true", true)):
+            transform = fit_landmark_transform(fixed, moving)
+            moved = apply_matrix(np.linalg.inv(transform_matrix(transform)), surface)
+            tre = np.linalg.norm(moved - surface_fixed, axis=1)
+            row[source] = {"fre_rms_mm": float(np.sqrt(np.mean(landmark_residuals(transform, fixed, moving) ** 2))),
+                           "tre_mean_mm": float(tre.mean()), "tre_max_mm": float(tre.max())}
+            if number == 0 and source == "predicted":
+                figure = {"case": case, "fixed": surface_fixed, "before": surface, "after": moved}
+        rows.append(row)
+    return rows, figure
+
+
+def alignment_markdown(rows: list[dict], figure_file: str | None) -> str:
+    """Per case and overall: TRE (mean / max mm on the LV surface) from the predicted and from the true landmarks."""
+    lines = ["| case | rotation (deg) | translation (mm) | FRE RMS (mm), predicted | TRE mean (mm), predicted | "
+             "TRE max (mm), predicted | TRE mean (mm), true landmarks | TRE max (mm), true landmarks |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        p, t = r["predicted"], r["true"]
+        lines.append(f"| {r['case']} | {r['rotation_degrees']:.1f} | {r['translation_mm']:.1f} | {p['fre_rms_mm']:.2f} | "
+                     f"{p['tre_mean_mm']:.2f} | {p['tre_max_mm']:.2f} | {t['tre_mean_mm']:.2e} | {t['tre_max_mm']:.2e} |")
+    lines.append(f"| overall | | | {np.mean([r['predicted']['fre_rms_mm'] for r in rows]):.2f} | "
+                 f"{np.mean([r['predicted']['tre_mean_mm'] for r in rows]):.2f} | "
+                 f"{np.max([r['predicted']['tre_max_mm'] for r in rows]):.2f} | "
+                 f"{np.mean([r['true']['tre_mean_mm'] for r in rows]):.2e} | "
+                 f"{np.max([r['true']['tre_max_mm'] for r in rows]):.2e} |")
+    text = "\n".join(lines) + "\n"
+    if figure_file:
+        text += f"\n![alignment of one unseen phantom, before and after]({figure_file})\n"
+    return text
+
+
+# the figure's two point sets: exact colours (no transparency) so that a test can find each in every panel
+FIXED_COLOUR, MOVED_COLOUR = "#1f77b4", "#d62728"
+
+
+def plot_alignment(figure: dict, path: Path, max_points: int = 3000) -> Path:
+    """Three orthogonal projections (LPS x-y, x-z, y-z) of the LV surface points, before (top) and after (bottom)
+    alignment: the fixed-space truth and our surface moved by the estimated transform."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    step = max(1, len(figure["fixed"]) // max_points)
+    fig, axes = plt.subplots(2, 3, figsize=(12, 8))
+    for row, (when, moved) in enumerate((("before", figure["before"]), ("after", figure["after"]))):
+        for column, (a, b) in enumerate(((0, 1), (0, 2), (1, 2))):
+            ax = axes[row, column]
+            ax.scatter(figure["fixed"][::step, a], figure["fixed"][::step, b], s=10, c=FIXED_COLOUR, alpha=1.0,
+                       linewidths=0, label="true LV surface, fixed space")
+            ax.scatter(moved[::step, a], moved[::step, b], s=4, c=MOVED_COLOUR, alpha=1.0, linewidths=0,
+                       label="our LV surface" + (" (not aligned)" if when == "before" else ", aligned"))
+            ax.set_xlabel(f"{'xyz'[a]} (LPS mm)")
+            ax.set_ylabel(f"{'xyz'[b]} (LPS mm)")
+            ax.set_aspect("equal", adjustable="datalim")
+            ax.set_title(f"{when} alignment, {'xyz'[a]}-{'xyz'[b]}")
+        axes[row, 0].legend(loc="upper left", fontsize=7, markerscale=2)
+    fig.suptitle(f"{figure['case']}: rigid alignment from the predicted landmarks")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -158,7 +286,7 @@ def main(argv: list[str] | None = None) -> None:
     # ~3.4 mm voxels on a CPU: the resolution at which 2000 iterations localise the apex well (4.9 mm on unseen
     # phantoms in the learning test, against 12.9 mm for the mean position)
     size = (64, 64, 48) if args.device == "cpu" else "small"
-    step = Step(8)
+    step = Step(9)
 
     step(f"Synthetic cardiac CT phantoms in the MM-WHS layout ({args.cases} training, {args.test_cases} unseen)")
     mmwhs, unseen = out / "mmwhs_phantoms", out / "unseen_phantoms"
@@ -172,8 +300,9 @@ def main(argv: list[str] | None = None) -> None:
     step("nnUNetv2_convert_MMWHS")
     raw = Path(env["nnUNet_raw"]) / DATASET
     if not raw.exists():
-        run(["nnUNetv2_convert_MMWHS", "-i", str(mmwhs / "ct_train"), "-a", str(mmwhs / "apex"), "-d", str(DATASET_ID),
-             "--name", "MMWHSPhantoms", "--folds", str(args.folds)], env, log)
+        run(["nnUNetv2_convert_MMWHS", "-i", str(mmwhs / "ct_train"), "-a", str(mmwhs / "landmarks.csv"),
+             "--landmarks", *LANDMARKS, "-d", str(DATASET_ID), "--name", "MMWHSPhantoms", "--folds", str(args.folds)],
+            env, log)
 
     step("nnUNetv2_plan_and_preprocess (ResEnc-M planner)")
     plans_file = Path(env["nnUNet_preprocessed"]) / DATASET / f"{PLANS}.json"
@@ -220,25 +349,45 @@ def main(argv: list[str] | None = None) -> None:
     test_rows = {t: evaluate_test_set(predictions[t], unseen, truth, train_geometries) for t in predictions}
     (report_folder / "test_set.json").write_text(json.dumps(test_rows, indent=1))
 
+    step("Alignment of the unseen phantoms to a randomly moved copy, from the predicted and from the true landmarks")
+    alignment_rows, figure = align_test_set(predictions[landmark_trainer], unseen, truth, args.seed)
+    (report_folder / "alignment.json").write_text(json.dumps(alignment_rows, indent=1))
+    figure_file = plot_alignment(figure, report_folder / "alignment.png")
+
     step("Report")
     curves = [str(results / f"{t}__{PLANS}__{configuration}" / f"fold_{args.fold}" / "progress.png")
               for t in (landmark_trainer, plain_trainer)]
     report = write_report(report_folder, comparison["landmark_crossval"], comparison, curves,
                           comparison.get("qc_pngs", []),
-                          title="nnunet-landmark demo on synthetic MM-WHS-like CT: LV segmentation and apex detection")
+                          title="nnunet-landmark demo on synthetic MM-WHS-like CT: LV segmentation, landmark "
+                                "detection and alignment")
     text = report.read_text()
     intro = (f"Device `{args.device}`, configuration `{configuration}` of `{PLANS}`, landmark model `{landmark_trainer}`, "
              f"plain model `{plain_trainer}` (same optimizer and budget), fold {args.fold} of {args.folds}; "
              f"total time {time.time() - step.start:.0f} s.\n\n"
              f"## Unseen test set ({len(truth)} phantoms, `nnUNetv2_predict`)\n\n"
-             + test_set_markdown(test_rows[landmark_trainer], test_rows[plain_trainer]) + "\n")
+             + test_set_markdown(test_rows[landmark_trainer], test_rows[plain_trainer]) + "\n"
+             + "Every landmark of the landmark model on the unseen phantoms:\n\n"
+             + landmark_errors_markdown(test_rows[landmark_trainer]) + "\n"
+             + f"## Alignment of the unseen phantoms\n\nEach phantom's three predicted landmarks ({', '.join(LANDMARKS)}) "
+               f"are aligned rigidly (`nnunet_landmark.alignment`, SimpleITK `VersorRigid3DTransform`) to the true "
+               f"landmarks of the same phantom moved by a known random rigid transform (rotation up to "
+               f"{MAX_ROTATION_DEGREES:.0f} degrees, translation up to {MAX_TRANSLATION_MM:.0f} mm; a stand-in for "
+               f"another modality). Target registration error (TRE): distance, over the points of the true LV cavity "
+               f"surface (marching cubes of label {LV_CAVITY}, world mm), between where the estimated and the known "
+               f"transform put them. The same alignment from the true landmarks must give TRE ~ 0 (sanity check).\n\n"
+             + alignment_markdown(alignment_rows, figure_file.name) + "\n")
     heading = text.index("## Headline")
     report.write_text(text[:heading] + intro + text[heading:].replace("## Headline", "## Cross-validation fold: headline"))
     rows = test_rows[landmark_trainer]
     print(f"\nDone in {time.time() - step.start:.0f} s. Unseen phantoms: LV Dice {np.mean([r['dice'] for r in rows]):.3f}, "
           f"apex error {np.mean([r['error_model_mm'] for r in rows]):.2f} mm (mean-position baseline "
           f"{np.mean([r['error_mean_position_mm'] for r in rows]):.2f} mm, geometric tip "
-          f"{np.mean([r['error_tip_mm'] for r in rows]):.2f} mm).\nReport: {report}")
+          f"{np.mean([r['error_tip_mm'] for r in rows]):.2f} mm).\nPer landmark (mean mm): "
+          + ", ".join(f"{n} {np.mean([r['landmark_errors_mm'][n] for r in rows]):.2f}" for n in LANDMARKS)
+          + f". Alignment TRE on the LV surface: {np.mean([r['predicted']['tre_mean_mm'] for r in alignment_rows]):.2f} "
+            f"mm mean, {np.max([r['predicted']['tre_max_mm'] for r in alignment_rows]):.2f} mm max (true landmarks: "
+            f"{np.max([r['true']['tre_max_mm'] for r in alignment_rows]):.1e} mm max).\nReport: {report}")
 
 
 def _cuda() -> bool:

@@ -18,12 +18,20 @@ import pytest
 import SimpleITK as sitk
 
 from conftest import run_cli
+from nnunet_landmark.demo import FIXED_COLOUR, LANDMARKS, MAX_ROTATION_DEGREES, MAX_TRANSLATION_MM, MOVED_COLOUR
 from nnunet_landmark.evaluation.metrics import dice
 from nnunet_landmark.landmark_files import read_landmark_csv, read_markups
 
 pytestmark = pytest.mark.slow
 
+
+def plt_imread(path: Path) -> np.ndarray:
+    """A PNG as a float (H, W, 3 or 4) array in [0, 1]."""
+    from matplotlib.image import imread
+    return imread(str(path))
+
 NUMBER = r"[-+]?(?:\d+\.\d*|\.\d+|\d+|nan|inf)"
+SCIENTIFIC = r"[-+]?(?:(?:\d+\.\d*|\.\d+|\d+)(?:e[-+]?\d+)?|nan|inf)"
 LANDMARK_TRAINER, PLAIN_TRAINER = "nnUNetTrainerLandmark_cpu_smoke", "nnUNetTrainer_cpu_smoke"
 
 
@@ -58,6 +66,10 @@ def test_demo_runs_the_whole_workflow_and_reports_finite_numbers(tmp_path):
         markups = read_markups(out / f"predictions_{LANDMARK_TRAINER}" / f"{row['case']}.mrk.json")
         assert row["error_model_mm"] == pytest.approx(
             float(np.linalg.norm(markups["apex"] - truth[row["case"]]["apex"])), abs=1e-9)
+        assert list(row["landmark_errors_mm"]) == list(LANDMARKS) == ["apex", "mitral_valve", "aortic_valve"]
+        for name in LANDMARKS:
+            assert row["landmark_errors_mm"][name] == pytest.approx(
+                float(np.linalg.norm(markups[name] - truth[row["case"]][name])), abs=1e-9), (row, name)
     assert all("error_model_mm" not in row for row in rows[PLAIN_TRAINER])  # the plain model has no landmarks
     landmark_rows = rows[LANDMARK_TRAINER]
     assert lv_dice == pytest.approx(np.mean([r["dice"] for r in landmark_rows]), abs=6e-4)
@@ -70,8 +82,8 @@ def test_demo_runs_the_whole_workflow_and_reports_finite_numbers(tmp_path):
     text = report.read_text()
     assert "## Unseen test set (2 phantoms, `nnUNetv2_predict`)" in text
     assert "## Cross-validation fold: headline" in text
-    table = text[text.index("## Unseen test set"):text.index("## Cross-validation fold: headline")]
-    summary_rows = [line for line in table.splitlines() if line.startswith("| LV Dice") or line.startswith("| apex")]
+    table = text[text.index("## Unseen test set"):text.index("## Alignment of the unseen phantoms")]
+    summary_rows = [line for line in table.splitlines() if line.startswith("| LV Dice") or line.startswith("| apex error")]
     assert len(summary_rows) == 6, table
     for line in summary_rows:
         values = [float(v) for v in re.findall(NUMBER, line.split("|")[2])]
@@ -81,6 +93,53 @@ def test_demo_runs_the_whole_workflow_and_reports_finite_numbers(tmp_path):
     for line in case_rows:
         values = [float(v) for cell in line.split("|")[2:-1] for v in re.findall(NUMBER, cell)]
         assert len(values) == 6 and all(math.isfinite(v) for v in values), line
+    # every landmark's error: mean / median / max over the unseen phantoms, from the prediction files
+    errors = {name: [float(np.linalg.norm(read_markups(out / f"predictions_{LANDMARK_TRAINER}" / f"{case}.mrk.json")[name]
+                                          - truth[case][name])) for case in truth] for name in LANDMARKS}
+    for name in LANDMARKS:
+        landmark_rows_md = [line for line in table.splitlines() if line.startswith(f"| {name} |")]
+        assert len(landmark_rows_md) == 1, table
+        values = [float(v) for cell in landmark_rows_md[0].split("|")[2:-1] for v in re.findall(NUMBER, cell)]
+        assert values == pytest.approx([np.mean(errors[name]), np.median(errors[name]), np.max(errors[name])],
+                                       abs=6e-3), (name, landmark_rows_md[0])
+
+    # alignment: per case and overall, TRE from the predicted landmarks finite, from the true ones ~0
+    alignment = json.loads((out / "report" / "alignment.json").read_text())
+    assert [r["case"] for r in alignment] == list(truth)
+    for r in alignment:
+        assert 0 <= r["rotation_degrees"] <= MAX_ROTATION_DEGREES + 1e-6 and 0 <= r["translation_mm"] <= MAX_TRANSLATION_MM
+        assert r["surface_points"] > 100, r
+        assert all(math.isfinite(v) and v >= 0 for v in r["predicted"].values()), r
+        assert r["predicted"]["tre_mean_mm"] <= r["predicted"]["tre_max_mm"]
+        assert r["true"]["tre_max_mm"] < 1e-3 and r["true"]["fre_rms_mm"] < 1e-3, r
+    section = text[text.index("## Alignment of the unseen phantoms"):text.index("## Cross-validation fold: headline")]
+    align_rows = {line.split("|")[1].strip(): [float(v) for cell in line.split("|")[2:-1]
+                                               for v in re.findall(SCIENTIFIC, cell)]
+                  for line in section.splitlines() if line.startswith("| ct_train_") or line.startswith("| overall")}
+    assert list(align_rows) == [*truth, "overall"], section
+    for r in alignment:
+        expected = [r["rotation_degrees"], r["translation_mm"], r["predicted"]["fre_rms_mm"],
+                    r["predicted"]["tre_mean_mm"], r["predicted"]["tre_max_mm"], r["true"]["tre_mean_mm"],
+                    r["true"]["tre_max_mm"]]
+        assert align_rows[r["case"]] == pytest.approx(expected, rel=1e-2, abs=0.06), (r, align_rows[r["case"]])
+    overall = align_rows["overall"]
+    assert len(overall) == 5 and all(math.isfinite(v) for v in overall), overall
+    assert overall[1] == pytest.approx(np.mean([r["predicted"]["tre_mean_mm"] for r in alignment]), abs=6e-3)
+    assert overall[2] == pytest.approx(np.max([r["predicted"]["tre_max_mm"] for r in alignment]), abs=6e-3)
+    assert overall[4] < 1e-3  # the sanity row: the true landmarks align exactly
+
+    # the alignment figure: 2 rows (before, after) x 3 projections, each with both point sets in its own colour
+    assert "](alignment.png)" in section
+    image = plt_imread(out / "report" / "alignment.png")
+    assert image.shape[:2] == (800, 1200), image.shape
+    height, width = image.shape[:2]
+    for colour in (FIXED_COLOUR, MOVED_COLOUR):
+        rgb = np.array([int(colour[i:i + 2], 16) for i in (1, 3, 5)]) / 255
+        mask = np.all(np.abs(image[..., :3] - rgb) < 1e-3, axis=-1)
+        counts = [int(mask[row * height // 2:(row + 1) * height // 2, column * width // 3:(column + 1) * width // 3].sum())
+                  for row in range(2) for column in range(3)]
+        assert min(counts) > 100, (colour, counts)
+
     links = [line[line.index("](") + 2:-1] for line in text.splitlines() if line.startswith("![")]
     assert links and all((report.parent / link).is_file() for link in links), links
     # the cross-validation fold: both held-out cases with a finite Dice and landmark error
