@@ -12,6 +12,8 @@ from typing import Sequence
 
 import numpy as np
 
+from nnunet_landmark.layout import atomic_write_json
+
 
 def small_configuration(plans: dict, base: str = "3d_fullres", patch_size: Sequence[int] = (32, 32, 32),
                         features_per_stage: Sequence[int] = (16, 32, 64, 128), batch_size: int = 2) -> dict:
@@ -39,10 +41,7 @@ def add_small_configuration(plans_file: str | os.PathLike, name: str = "3d_cpu",
     with open(plans_file) as f:
         plans = json.load(f)
     plans["configurations"][name] = small_configuration(plans, **kwargs)
-    tmp = f"{plans_file}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(plans, f, indent=2)
-    os.replace(tmp, plans_file)
+    atomic_write_json(plans, plans_file)
     return plans["configurations"][name]
 
 

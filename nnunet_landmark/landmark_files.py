@@ -17,7 +17,6 @@ import json
 import math
 import os
 from collections import OrderedDict
-from pathlib import Path
 from typing import Iterable, Mapping
 
 import numpy as np
@@ -25,6 +24,7 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from nnunet_landmark.geometry import ImageGeometry, lps_to_ras
+from nnunet_landmark.layout import MARKUPS_SUFFIX, atomic_write_text
 
 LandmarkSet = "OrderedDict[str, np.ndarray]"
 
@@ -121,7 +121,7 @@ def write_markups(path: str | os.PathLike, landmarks: Mapping[str, Iterable[floa
             "measurements": [],
         }],
     }
-    _atomic_write_text(path, json.dumps(doc, indent=2) + "\n")
+    atomic_write_text(path, json.dumps(doc, indent=2) + "\n")
 
 
 # ------------------------------------------------------------------------------------------------------ CSV
@@ -182,7 +182,7 @@ def write_landmark_csv(path: str | os.PathLike, table: Mapping[str, Mapping[str,
             p = _finite_point(path, name, position)
             # repr: the shortest text that reads back as exactly the same float
             rows.append({"case": case, "name": name, **{axis: repr(float(v)) for axis, v in zip("xyz", p)}})
-    _atomic_write_text(path, format_landmark_rows(rows))
+    atomic_write_text(path, format_landmark_rows(rows))
 
 
 # ---------------------------------------------------------------------------------------------- sphere masks
@@ -259,7 +259,7 @@ def read_landmark_file(path: str | os.PathLike, name: str | None = None,
                        reference: ImageGeometry | None = None) -> "OrderedDict[str, np.ndarray]":
     """One case's landmarks from a ``.mrk.json`` or a sphere mask (which holds one landmark, ``name``)."""
     p = str(path)
-    if p.endswith(".mrk.json") or p.endswith(".json"):
+    if p.endswith(MARKUPS_SUFFIX) or p.endswith(".json"):
         return read_markups(p)
     if p.endswith((".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")):
         if name is None:
@@ -271,10 +271,3 @@ def read_landmark_file(path: str | os.PathLike, name: str | None = None,
 def landmark_distance_mm(a, b) -> float:
     """Euclidean distance between two world points."""
     return float(math.dist(np.asarray(a, dtype=float), np.asarray(b, dtype=float)))
-
-
-def _atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    path = Path(path)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from nnunet_landmark.heatmap import HeatmapEncoding
+from nnunet_landmark.layout import check_landmark_names
 
 PLANS_KEY = "nnunet_landmark"
 
@@ -50,6 +51,6 @@ def landmark_names_from_dataset_json(dataset_json: dict, source: str = "dataset.
         raise RuntimeError(f"{source} has no \"landmarks\" list, so there is nothing for a landmark trainer to "
                            f"learn. Add e.g. \"landmarks\": [\"apex\"] and one landmarksTr/CASE.mrk.json per "
                            f"training case (nnUNetv2_convert_MMWHS does this), or train nnUNetTrainer instead.")
-    if not isinstance(names, list) or not all(isinstance(n, str) and n for n in names) or len(set(names)) != len(names):
-        raise RuntimeError(f"{source}: \"landmarks\" must be a list of unique non-empty names, got {names!r}")
-    return tuple(names)
+    if not isinstance(names, list):
+        raise RuntimeError(f"{source}: \"landmarks\" must be a list of names, got {names!r}")
+    return check_landmark_names(names, f"{source} \"landmarks\"", RuntimeError)

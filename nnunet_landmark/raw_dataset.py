@@ -26,8 +26,7 @@ from typing import Iterable, Iterator, Mapping, Sequence
 import numpy as np
 
 from nnunet_landmark.landmark_files import LandmarkFileError, read_markups, write_markups
-
-LANDMARKS_FOLDER = "landmarksTr"
+from nnunet_landmark.layout import LANDMARKS_FOLDER, SPLITS_FILE, atomic_write_json, check_landmark_names
 
 
 class DatasetError(ValueError):
@@ -56,8 +55,7 @@ def kfold_splits(case_ids: Sequence[str], num_folds: int, seed: int = 12345) -> 
 def make_dataset_json(channel_names: Mapping[str, str], labels: Mapping[str, int], num_training: int,
                       landmark_names: Sequence[str], file_ending: str = ".nii.gz", **extra) -> dict:
     """nnU-Net's dataset.json plus ``"landmarks"``; the order of the names fixes the heatmap channels."""
-    if len(set(landmark_names)) != len(landmark_names) or not landmark_names:
-        raise DatasetError(f"landmark names must be unique and non-empty, got {list(landmark_names)}")
+    check_landmark_names(landmark_names, "dataset.json \"landmarks\"", DatasetError)
     d = OrderedDict(channel_names=dict(channel_names), labels=dict(labels), numTraining=int(num_training),
                     file_ending=file_ending, landmarks=list(landmark_names))
     d.update(extra)
@@ -133,18 +131,14 @@ def read_dataset_landmarks(dataset_folder: str | os.PathLike, landmark_names: Se
     return out
 
 
-def save_json(obj, path: str | os.PathLike) -> None:
-    path = Path(path)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
+save_json = atomic_write_json  # the name the converter and trainer import
 
 
 def install_splits(splits: list[dict], preprocessed_dataset_folder: str | os.PathLike, overwrite: bool = False) -> Path:
     """Put ``splits_final.json`` where nnU-Net's trainer reads it; never silently replace different splits."""
     folder = Path(preprocessed_dataset_folder)
     folder.mkdir(parents=True, exist_ok=True)
-    target = folder / "splits_final.json"
+    target = folder / SPLITS_FILE
     if target.exists() and not overwrite:
         existing = json.loads(target.read_text())
         if existing != splits:

@@ -36,6 +36,7 @@ from nnunet_landmark.label_landmarks import (FarthestPoint, InterfaceCentre, Lab
                                              distance_to_labels_mm, distance_to_points_mm, interface_voxels)
 from nnunet_landmark.landmark_files import (LandmarkFileError, read_landmark_csv, read_landmark_table, read_markups,
                                             read_sphere_mask)
+from nnunet_landmark.layout import SPLITS_FILE, check_landmark_names
 from nnunet_landmark.raw_dataset import (DatasetError, dataset_folder_name, install_splits, kfold_splits,
                                          make_dataset_json, save_json, staged_dataset_folder, write_case_landmarks)
 
@@ -506,8 +507,7 @@ def convert(ct_train_dir: str, annotations: list[str], dataset_id: int, dataset_
     ``derive_missing_apex`` adds the apex when it is among ``landmark_names``.
     """
     landmark_names = list(landmark_names or ["apex"])
-    if len(set(landmark_names)) != len(landmark_names) or not all(landmark_names):
-        raise DatasetError(f"landmark names must be unique and non-empty, got {landmark_names}")
+    check_landmark_names(landmark_names, "--landmarks", DatasetError)
     annotations = list(annotations or [])
     derive = list(dict.fromkeys(list(derive or []) + (["apex"] if derive_missing_apex and "apex" in landmark_names
                                                       else [])))
@@ -543,7 +543,7 @@ def convert(ct_train_dir: str, annotations: list[str], dataset_id: int, dataset_
                            if len(items) >= 2 else f"only {len(items)} case to convert in {ct_train_dir}; "
                                                    f"cross-validation needs at least 2")
     splits = kfold_splits([i.case for i in items], num_folds)
-    splits_target = Path(preprocessed_root) / folder_name / "splits_final.json" if preprocessed_root else None
+    splits_target = Path(preprocessed_root) / folder_name / SPLITS_FILE if preprocessed_root else None
     if splits_target is not None and splits_target.exists() and not overwrite:
         try:
             same = json.loads(splits_target.read_text()) == splits
@@ -581,7 +581,7 @@ def convert(ct_train_dir: str, annotations: list[str], dataset_id: int, dataset_
                                                if any(n in d for d in derived.values())}} if derived else {}),
             **({"heatmap_encoding": encoding.to_dict()} if save_heatmaps else {}))
         save_json(dataset_json, staging / "dataset.json")
-        save_json(splits, staging / "splits_final.json")
+        save_json(splits, staging / SPLITS_FILE)
         if preprocessed_root:
             install_splits(splits, Path(preprocessed_root) / folder_name, overwrite)
     print(f"Wrote {final} ({len(items)} cases, {num_folds} folds, landmarks {landmark_names})")

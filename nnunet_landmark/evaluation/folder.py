@@ -29,9 +29,9 @@ from nnunet_landmark.evaluation.tables import write_evaluation_csv
 from nnunet_landmark.geometry import ImageGeometry
 from nnunet_landmark.landmark_files import (LandmarkFileError, read_landmark_csv, read_landmark_table,
                                             read_markups)
+from nnunet_landmark.layout import LANDMARK_TABLE as PREDICTED_LANDMARK_TABLE
+from nnunet_landmark.layout import LANDMARKS_FOLDER, MARKUPS_SUFFIX
 
-MARKUPS_SUFFIX = ".mrk.json"
-PREDICTED_LANDMARK_TABLE = "landmarks.csv"
 CaseHook = Callable[[str, np.ndarray, ImageGeometry], Mapping]
 
 
@@ -317,7 +317,7 @@ class RawDataset:
         self.dataset_json = read_dataset_json(dataset_json)
         self.file_ending = self.dataset_json.get("file_ending", ".nii.gz")
         self.labels_folder = self.folder / "labelsTr"
-        self.landmarks_folder = self.folder / "landmarksTr"
+        self.landmarks_folder = self.folder / LANDMARKS_FOLDER
         if not self.landmarks_folder.is_dir():
             raise EvaluationError(f"{self.landmarks_folder}: missing; the reference landmarks (CASE.mrk.json) of the "
                                   f"raw dataset are needed (see nnUNetv2_convert_MMWHS)")

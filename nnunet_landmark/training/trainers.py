@@ -14,7 +14,6 @@ base class's; this class adds what is new:
 from __future__ import annotations
 
 import os
-import shutil
 import warnings
 
 import numpy as np
@@ -33,15 +32,16 @@ from nnunet_landmark import nnunet_integration
 from nnunet_landmark.geometry import CaseGeometry
 from nnunet_landmark.heatmap import HeatmapEncoding, decode_heatmap
 from nnunet_landmark.landmark_files import LandmarkFileError, read_markups
+from nnunet_landmark.evaluation.metrics import landmark_errors_mm
 from nnunet_landmark.landmark_heads import LandmarkHeads, landmark_names_from_dataset_json
+from nnunet_landmark.layout import (LANDMARK_CACHE, LANDMARK_SUMMARY, LANDMARKS_FOLDER, SPLITS_FILE,
+                                    atomic_write_text, markups_path)
 from nnunet_landmark.raw_dataset import DatasetError, read_dataset_landmarks, save_json
 from nnunet_landmark.training.data_loading import nnUNetLandmarkDataLoader
 from nnunet_landmark.training.loss import SegmentationHeatmapLoss
 from nnunet_landmark.training.progress_logging import LandmarkLocalLogger
 
 nnunet_integration.install()
-
-LANDMARK_CACHE = "landmarksTr.json"  # world landmarks kept beside the preprocessed data
 
 
 def _summary(values) -> dict:
@@ -117,7 +117,7 @@ class nnUNetTrainerLandmark(nnUNetTrainer):
         preprocessed data (so training also works where only nnUNet_preprocessed is available)."""
         cache = join(self.preprocessed_dataset_folder_base, LANDMARK_CACHE)
         raw_folder = join(nnUNet_raw.get(), self.plans_manager.dataset_name) if nnUNet_raw.is_set() else None
-        if raw_folder is not None and os.path.isdir(join(raw_folder, "landmarksTr")):
+        if raw_folder is not None and os.path.isdir(join(raw_folder, LANDMARKS_FOLDER)):
             try:
                 world = read_dataset_landmarks(raw_folder, self.landmark_names, cases)
             except DatasetError as e:
@@ -181,13 +181,12 @@ class nnUNetTrainerLandmark(nnUNetTrainer):
     def do_split(self):
         # the converter puts its cross-validation splits beside the raw data too; without this copy nnU-Net
         # would silently make its own 5 folds
-        splits_file = join(self.preprocessed_dataset_folder_base, "splits_final.json")
-        raw_splits = join(nnUNet_raw.get(), self.plans_manager.dataset_name, "splits_final.json") \
+        splits_file = join(self.preprocessed_dataset_folder_base, SPLITS_FILE)
+        raw_splits = join(nnUNet_raw.get(), self.plans_manager.dataset_name, SPLITS_FILE) \
             if nnUNet_raw.is_set() else None
         if self.fold != "all" and not isfile(splits_file) and raw_splits is not None and isfile(raw_splits):
-            tmp = f"{splits_file}.tmp{os.getpid()}"
-            shutil.copyfile(raw_splits, tmp)
-            os.replace(tmp, splits_file)
+            with open(raw_splits) as f:
+                atomic_write_text(splits_file, f.read())
             self.print_to_log_file(f"Copied the dataset's cross-validation splits from {raw_splits}")
         return super().do_split()
 
@@ -284,18 +283,18 @@ class nnUNetTrainerLandmark(nnUNetTrainer):
         per_case, problems = {}, []
         for case in sorted(val_keys):
             try:
-                predicted = read_markups(join(folder, case + ".mrk.json"))
+                predicted = read_markups(markups_path(folder, case))
             except LandmarkFileError as e:
                 problems.append(str(e))
                 continue
-            per_case[case] = {name: float(np.linalg.norm(predicted[name] - self.world_landmarks[case][k]))
-                              for k, name in enumerate(self.landmark_names)}
+            reference = dict(zip(self.landmark_names, self.world_landmarks[case]))
+            per_case[case] = landmark_errors_mm(predicted, reference, self.landmark_names)
         if problems:
             raise RuntimeError("validation landmarks missing:\n  " + "\n  ".join(problems))
         summary = {"landmarks": list(self.landmark_names), "unit": "mm", "coordinate_system": "LPS",
                    "per_case": per_case,
                    "per_landmark": {n: _summary([e[n] for e in per_case.values()]) for n in self.landmark_names}}
-        save_json(summary, join(folder, "landmark_summary.json"))
+        save_json(summary, join(folder, LANDMARK_SUMMARY))
         for name, stats in summary["per_landmark"].items():
             self.logger.log_summary(f"final_val/landmark_{name}_error_mm", stats["mean"])
             self.print_to_log_file(f"Mean validation error of landmark {name}: {stats['mean']:.2f} mm (median "
