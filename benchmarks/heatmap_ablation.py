@@ -43,7 +43,7 @@ VARIANTS = {
 }
 
 TRAINER_MODULE = '''import torch
-from nnunet_landmark.training.trainers import nnUNetTrainerLandmark_cpu_learn
+from nnunet_landmark.training.variants.cpu_budgets import nnUNetTrainerLandmark_cpu_learn
 
 
 def _variant(name, settings):

@@ -165,12 +165,13 @@ def _check_lookup(user_folder: str) -> dict:
     found = recursive_find_trainer_class_by_name("nnUNetTrainerLandmark")
     home = importlib.import_module("nnunet_landmark.training.trainers")
     variant = recursive_find_trainer_class_by_name("nnUNetTrainerLandmark_5epochs")
+    variant_home = importlib.import_module("nnunet_landmark.training.variants.training_length")
     user = recursive_find_trainer_class_by_name("MyLabTrainer")
     return {"environment_at_start": environment_at_start,
             "module": found.__module__, "qualname": found.__qualname__,
             "is_home_class": found is home.nnUNetTrainerLandmark,
             "pickle_roundtrip_is_same": pickle.loads(pickle.dumps(found)) is found,
-            "variant_module": variant.__module__, "variant_is_home_class": variant is home.nnUNetTrainerLandmark_5epochs,
+            "variant_module": variant.__module__, "variant_is_home_class": variant is variant_home.nnUNetTrainerLandmark_5epochs,
             "user_trainer": f"{user.__module__}.{user.__qualname__}",
             "lookup_module_left_in_sys_modules": "nnunet_landmark_trainers" in sys.modules,
             "user_folder": user_folder}
@@ -446,7 +447,8 @@ def test_trainer_lookup_in_spawned_ranks(ddp):
         assert result["module"] == "nnunet_landmark.training.trainers"
         assert result["qualname"] == "nnUNetTrainerLandmark"
         assert result["is_home_class"] and result["pickle_roundtrip_is_same"]
-        assert result["variant_module"] == "nnunet_landmark.training.trainers" and result["variant_is_home_class"]
+        assert result["variant_module"] == "nnunet_landmark.training.variants.training_length"
+        assert result["variant_is_home_class"]
         assert result["user_trainer"] == f"{USER_TRAINER_MODULE}.MyLabTrainer"
         assert not result["lookup_module_left_in_sys_modules"]
 

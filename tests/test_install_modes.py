@@ -78,8 +78,11 @@ def test_trainer_lookup_and_console_scripts(tmp_path, editable):
     result = _install_and_look_up(tmp_path, editable)
     folders = [p for p in result["extTrainer"].split(os.pathsep) if p]
     assert len(folders) == 1 and Path(folders[0], "nnunet_landmark_trainers.py").is_file(), result["extTrainer"]
-    for name in ("nnUNetTrainerLandmark", "nnUNetTrainerLandmarkGaussian", "nnUNetTrainerLandmark_beta100"):
-        assert result[name] == ["nnunet_landmark.training.trainers", name], result
+    homes = {"nnUNetTrainerLandmark": "nnunet_landmark.training.trainers",
+             "nnUNetTrainerLandmarkGaussian": "nnunet_landmark.training.variants.heatmap",
+             "nnUNetTrainerLandmark_beta100": "nnunet_landmark.training.variants.heatmap"}
+    for name, module in homes.items():
+        assert result[name] == [module, name], result
     package = Path(result["package_file"]).resolve()
     # editable: the code a developer edits is the code that runs; wheel: the installed copy, not the checkout
     assert (package.is_relative_to(Path(result["source"]).resolve())) == editable, package

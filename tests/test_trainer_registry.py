@@ -1,7 +1,7 @@
 """Every trainer the package defines is found by nnU-Net's lookup and builds on a real (tiny) dataset.
 
-The trainers are enumerated from ``nnunet_landmark.training.trainers`` (every nnUNetTrainer subclass defined
-there), so a trainer added later is covered without touching this file. Each is looked up by name as
+The trainers are enumerated from ``nnunet_landmark.training.all_trainers`` (every nnUNetTrainer subclass the
+package defines, core and variants), so a trainer added later is covered without touching this file. Each is looked up by name as
 ``nnUNetv2_train -tr NAME`` does, constructed on the session's ``smoke_dataset`` (conftest.py) and initialised
 (network, optimizer, loss, landmarks); what its name promises (epochs, beta, Gaussian, Adam, CPU budget) is
 checked against what it built.
@@ -23,16 +23,17 @@ pytestmark = pytest.mark.slow
 def defined_trainers() -> dict[str, type]:
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
-    from nnunet_landmark.training import trainers
-    return {name: value for name, value in vars(trainers).items()
-            if isinstance(value, type) and issubclass(value, nnUNetTrainer) and value.__module__ == trainers.__name__}
+    from nnunet_landmark.training import all_trainers
+    return {name: value for name, value in vars(all_trainers).items()
+            if isinstance(value, type) and issubclass(value, nnUNetTrainer)
+            and value.__module__.startswith("nnunet_landmark.training.")}
 
 
 def test_every_trainer_is_exported_for_the_lookup():
-    from nnunet_landmark.training import trainers
+    from nnunet_landmark.training import all_trainers
     found = defined_trainers()
     assert "nnUNetTrainerLandmark" in found and len(found) >= 15
-    assert sorted(trainers.__all__) == sorted(found)  # what the lookup's ``import *`` re-exports
+    assert sorted(all_trainers.__all__) == sorted(found)  # what the lookup's ``import *`` re-exports
 
 
 def test_every_trainer_is_found_by_nnunet_and_builds(smoke_dataset, tmp_path, monkeypatch):

@@ -1,4 +1,4 @@
-"""nnUNetTrainerLandmark: nnU-Net segmentation plus one heatmap channel per landmark, and its variants.
+"""nnUNetTrainerLandmark: nnU-Net segmentation plus one heatmap channel per landmark (variants: ``variants/``).
 
 Everything nnU-Net does (plans, data pipeline and augmentation, residual encoder UNet, deep
 supervision, DDP, checkpoints, ``--c``, ``--val``, ``-pretrained_weights``, final validation) is the
@@ -13,31 +13,25 @@ base class's; this class adds what is new:
 """
 from __future__ import annotations
 
-import os
 import warnings
 
 import numpy as np
 import torch
-from batchgenerators.utilities.file_and_folder_operations import isfile, join, load_json, load_pickle
-from nnunetv2.paths import nnUNet_raw
-from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
+from batchgenerators.utilities.file_and_folder_operations import join
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
-from nnunetv2.training.nnUNetTrainer.variants.optimizer.nnUNetTrainerAdam import (nnUNetTrainerVanillaAdam,
-                                                                                 nnUNetTrainerVanillaAdam1en3)
 from nnunetv2.utilities.helpers import dummy_context
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 from torch import distributed as dist
 
 from nnunet_landmark import nnunet_integration
-from nnunet_landmark.geometry import CaseGeometry
 from nnunet_landmark.heatmap import HeatmapEncoding, decode_heatmap
-from nnunet_landmark.landmark_files import LandmarkFileError, read_markups
 from nnunet_landmark.evaluation.metrics import landmark_errors_mm
+from nnunet_landmark.landmark_files import LandmarkFileError, read_markups
 from nnunet_landmark.landmark_heads import LandmarkHeads, landmark_names_from_dataset_json
-from nnunet_landmark.layout import (LANDMARK_CACHE, LANDMARK_SUMMARY, LANDMARKS_FOLDER, SPLITS_FILE,
-                                    atomic_write_text, markups_path)
-from nnunet_landmark.raw_dataset import DatasetError, read_dataset_landmarks, save_json
+from nnunet_landmark.layout import LANDMARK_SUMMARY, markups_path
+from nnunet_landmark.raw_dataset import save_json
 from nnunet_landmark.training.data_loading import nnUNetLandmarkDataLoader
+from nnunet_landmark.training.landmark_targets import copy_raw_splits, load_landmark_targets
 from nnunet_landmark.training.loss import SegmentationHeatmapLoss
 from nnunet_landmark.training.progress_logging import LandmarkLocalLogger
 
@@ -112,51 +106,11 @@ class nnUNetTrainerLandmark(nnUNetTrainer):
         super().initialize()
 
     # ------------------------------------------------------------------------------------------ landmarks
-    def _load_world_landmarks(self, cases: list[str]) -> dict:
-        """World landmarks from nnUNet_raw/<dataset>/landmarksTr, or from the copy kept beside the
-        preprocessed data (so training also works where only nnUNet_preprocessed is available)."""
-        cache = join(self.preprocessed_dataset_folder_base, LANDMARK_CACHE)
-        raw_folder = join(nnUNet_raw.get(), self.plans_manager.dataset_name) if nnUNet_raw.is_set() else None
-        if raw_folder is not None and os.path.isdir(join(raw_folder, LANDMARKS_FOLDER)):
-            try:
-                world = read_dataset_landmarks(raw_folder, self.landmark_names, cases)
-            except DatasetError as e:
-                raise RuntimeError(f"{e}\nEvery training case needs all landmarks {list(self.landmark_names)}.") from e
-            if self.local_rank == 0:
-                save_json({"landmarks": list(self.landmark_names), "coordinate_system": "LPS",
-                           "cases": {c: p.tolist() for c, p in world.items()}}, cache)
-            return world
-        if isfile(cache):
-            stored = load_json(cache)
-            if stored["landmarks"] != list(self.landmark_names):
-                raise RuntimeError(f"{cache} holds landmarks {stored['landmarks']}, dataset.json "
-                                   f"{list(self.landmark_names)}; delete it and make nnUNet_raw available")
-            missing = [c for c in cases if c not in stored["cases"]]
-            if missing:
-                raise RuntimeError(f"{cache} lacks landmarks for case(s) {missing[:10]}")
-            return {c: np.asarray(stored["cases"][c], dtype=np.float64) for c in cases}
-        raise RuntimeError(f"no landmarks found for {self.plans_manager.dataset_name}: expected "
-                           f"{raw_folder or '$nnUNet_raw/<dataset>'}/landmarksTr/CASE.mrk.json or {cache}")
-
     def _load_landmarks(self) -> tuple[dict, dict]:
-        dataset_class = infer_dataset_class(self.preprocessed_dataset_folder)
-        cases = sorted(dataset_class.get_identifiers(self.preprocessed_dataset_folder))
-        world = self._load_world_landmarks(cases)
-        preprocessed = {}
-        for case in cases:
-            properties = load_pickle(join(self.preprocessed_dataset_folder, case + ".pkl"))
-            geometry = CaseGeometry.from_nnunet(properties, self.plans_manager.transpose_forward,
-                                                self.configuration_manager.spacing)
-            positions = geometry.world_to_preprocessed(world[case])
-            shape = np.asarray(geometry.preprocessing.shape_after_resampling)
-            outside = ~np.all((positions > -1) & (positions < shape), axis=1)
-            if outside.any():
-                names = [n for n, o in zip(self.landmark_names, outside) if o]
-                raise RuntimeError(f"case {case}: landmark(s) {names} lie outside the preprocessed image (positions "
-                                   f"{np.round(positions[outside], 1).tolist()}, image shape {shape.tolist()}); check "
-                                   f"the annotation's coordinate system (LPS mm expected)")
-            preprocessed[case] = positions
-        return world, preprocessed
+        """(world, preprocessed) landmark positions of every preprocessed case (``landmark_targets``)."""
+        return load_landmark_targets(self.preprocessed_dataset_folder, self.preprocessed_dataset_folder_base,
+                                     self.plans_manager, self.configuration_manager, self.landmark_names,
+                                     write_cache=self.local_rank == 0)
 
     # ------------------------------------------------------------------------------------------ training
     def _build_loss(self):
@@ -179,15 +133,10 @@ class nnUNetTrainerLandmark(nnUNetTrainer):
             return super().get_dataloaders()
 
     def do_split(self):
-        # the converter puts its cross-validation splits beside the raw data too; without this copy nnU-Net
-        # would silently make its own 5 folds
-        splits_file = join(self.preprocessed_dataset_folder_base, SPLITS_FILE)
-        raw_splits = join(nnUNet_raw.get(), self.plans_manager.dataset_name, SPLITS_FILE) \
-            if nnUNet_raw.is_set() else None
-        if self.fold != "all" and not isfile(splits_file) and raw_splits is not None and isfile(raw_splits):
-            with open(raw_splits) as f:
-                atomic_write_text(splits_file, f.read())
-            self.print_to_log_file(f"Copied the dataset's cross-validation splits from {raw_splits}")
+        if self.fold != "all":
+            copied = copy_raw_splits(self.preprocessed_dataset_folder_base, self.plans_manager.dataset_name)
+            if copied:
+                self.print_to_log_file(f"Copied the dataset's cross-validation splits from {copied}")
         return super().do_split()
 
     def train_step(self, batch: dict) -> dict:
@@ -301,186 +250,6 @@ class nnUNetTrainerLandmark(nnUNetTrainer):
                                    f"{stats['median']:.2f}, max {stats['max']:.2f}, n={stats['n']})",
                                    also_print_to_console=True)
         return summary
-
-
-# ---------------------------------------------------------------------------------------------- variants
-class nnUNetTrainerLandmarkGaussian(nnUNetTrainerLandmark):
-    """Gaussian heatmaps (decoded by argmax) instead of the paper's log-distance maps."""
-
-    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
-                 device: torch.device = torch.device('cuda')):
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        self.heatmap_encoding = "gaussian"
-
-
-class nnUNetTrainerLandmark_beta1(nnUNetTrainerLandmark):
-    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
-                 device: torch.device = torch.device('cuda')):
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        self.heatmap_loss_weight = 1.0
-
-
-class nnUNetTrainerLandmark_beta100(nnUNetTrainerLandmark):
-    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
-                 device: torch.device = torch.device('cuda')):
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        self.heatmap_loss_weight = 100.0
-
-
-class nnUNetTrainerLandmark_1epoch(nnUNetTrainerLandmark):
-    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
-                 device: torch.device = torch.device('cuda')):
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        self.num_epochs = 1
-
-
-class nnUNetTrainerLandmark_5epochs(nnUNetTrainerLandmark):
-    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
-                 device: torch.device = torch.device('cuda')):
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        self.num_epochs = 5
-
-
-class nnUNetTrainerLandmark_10epochs(nnUNetTrainerLandmark):
-    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
-                 device: torch.device = torch.device('cuda')):
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        self.num_epochs = 10
-
-
-class nnUNetTrainerLandmark_20epochs(nnUNetTrainerLandmark):
-    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
-                 device: torch.device = torch.device('cuda')):
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        self.num_epochs = 20
-
-
-class nnUNetTrainerLandmark_50epochs(nnUNetTrainerLandmark):
-    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
-                 device: torch.device = torch.device('cuda')):
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        self.num_epochs = 50
-
-
-class nnUNetTrainerLandmark_100epochs(nnUNetTrainerLandmark):
-    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
-                 device: torch.device = torch.device('cuda')):
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        self.num_epochs = 100
-
-
-class nnUNetTrainerLandmark_250epochs(nnUNetTrainerLandmark):
-    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
-                 device: torch.device = torch.device('cuda')):
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        self.num_epochs = 250
-
-
-class nnUNetTrainerLandmark_500epochs(nnUNetTrainerLandmark):
-    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
-                 device: torch.device = torch.device('cuda')):
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        self.num_epochs = 500
-
-
-class nnUNetTrainerLandmarkVanillaAdam1en3(nnUNetTrainerLandmark):
-    """Adam, lr 1e-3 (nnU-Net's nnUNetTrainerVanillaAdam1en3 optimizer): learns heatmaps in far fewer iterations
-    than nnU-Net's SGD (momentum 0.99, lr 1e-2), which is what short (CPU) budgets need."""
-
-    configure_optimizers = nnUNetTrainerVanillaAdam.configure_optimizers
-
-    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
-                 device: torch.device = torch.device('cuda')):
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        self.initial_lr = 1e-3
-
-
-class nnUNetTrainerLandmarkGaussianVanillaAdam1en3(nnUNetTrainerLandmarkVanillaAdam1en3):
-    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
-                 device: torch.device = torch.device('cuda')):
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        self.heatmap_encoding = "gaussian"
-
-
-# ---------------------------------------------------------------------------------------------- CPU budgets
-class CPUBudget:
-    """Mixin: a short schedule for CPU runs, and no mirroring at the final validation (8x faster on a CPU).
-
-    Mirroring stays on in the augmentation and in the checkpoint's allowed TTA axes, so ``nnUNetv2_predict``
-    still mirrors unless told ``--disable_tta``. Plain and landmark variants share each budget, so
-    comparisons train both with the same number of iterations.
-    """
-
-    budget_epochs = 2
-    budget_iterations = 5
-    budget_val_iterations = 2
-
-    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
-                 device: torch.device = torch.device('cuda')):
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        self.num_epochs = self.budget_epochs
-        self.num_iterations_per_epoch = self.budget_iterations
-        self.num_val_iterations_per_epoch = self.budget_val_iterations
-        self.save_every = max(1, self.budget_epochs // 2)
-
-    def perform_actual_validation(self, save_probabilities: bool = False):
-        axes, self.inference_allowed_mirroring_axes = self.inference_allowed_mirroring_axes, None
-        try:
-            super().perform_actual_validation(save_probabilities)
-        finally:
-            self.inference_allowed_mirroring_axes = axes
-
-
-class nnUNetTrainerLandmark_cpu_smoke(CPUBudget, nnUNetTrainerLandmark):
-    """2 epochs of 5 iterations: proves the machinery runs (tests), learns nothing."""
-
-
-class nnUNetTrainer_cpu_smoke(CPUBudget, nnUNetTrainer):
-    """Plain nnU-Net with the budget of nnUNetTrainerLandmark_cpu_smoke."""
-
-
-class CPULearningBudget(CPUBudget):
-    """2000 iterations (~5 minutes on 2 CPU cores for a 32^3 patch, 8-64 features; see cpu_plans), no mirroring.
-
-    Mirroring (augmentation and test-time) is off: on such a budget it costs most of the heatmap's learning
-    (measured on phantoms: 31 mm apex error with it, see the closing notes), and a heart has a handedness
-    that mirrored training images contradict. Rotation, scaling and intensity augmentation stay on.
-    """
-
-    budget_epochs = 40
-    budget_iterations = 50
-    budget_val_iterations = 4
-
-    def configure_rotation_dummyDA_mirroring_and_inital_patch_size(self):
-        rotation, dummy_2d, initial_patch_size, _ = super().configure_rotation_dummyDA_mirroring_and_inital_patch_size()
-        self.inference_allowed_mirroring_axes = None
-        return rotation, dummy_2d, initial_patch_size, None
-
-
-class nnUNetTrainerLandmark_cpu_learn(CPULearningBudget, nnUNetTrainerLandmarkVanillaAdam1en3):
-    """The learning test's and demo's landmark model: log-distance heatmaps, Adam, 40 x 50 iterations, beta 100.
-
-    On this budget the heatmap lags the segmentation; beta 100 (with heatmap deep supervision) cut the apex error
-    on 20 unseen phantoms from 5.5 to 4.5 mm, beta 300 gave 4.4 (benchmarks/ABLATION.md).
-    """
-
-    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
-                 device: torch.device = torch.device('cuda')):
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        self.heatmap_loss_weight = 100.0
-
-
-class nnUNetTrainerLandmarkGaussian_cpu_learn(CPULearningBudget, nnUNetTrainerLandmarkGaussianVanillaAdam1en3):
-    """As nnUNetTrainerLandmark_cpu_learn with Gaussian heatmaps (accuracy study)."""
-
-    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
-                 device: torch.device = torch.device('cuda')):
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        self.heatmap_loss_weight = 100.0
-
-
-class nnUNetTrainer_cpu_learn(CPULearningBudget, nnUNetTrainerVanillaAdam1en3):
-    """Plain nnU-Net with the optimizer and budget of nnUNetTrainerLandmark_cpu_learn."""
 
 
 __all__ = [name for name, value in list(globals().items())

@@ -1,0 +1,84 @@
+"""Landmark targets for training: world positions from the raw dataset, mapped into each case's preprocessed voxels.
+
+nnU-Net's preprocessed folder holds images and labels only (any extra file there would be read as a case), so the
+trainer reads ``nnUNet_raw/<dataset>/landmarksTr`` when training starts and keeps a copy of the world positions
+beside the preprocessed dataset (``landmarksTr.json``), so that training also works where only
+``nnUNet_preprocessed`` is available. The mapping world -> preprocessed voxel uses each case's ``.pkl`` properties
+(``geometry.CaseGeometry``, the one place for that conversion).
+"""
+from __future__ import annotations
+
+import os
+from typing import Sequence
+
+import numpy as np
+from batchgenerators.utilities.file_and_folder_operations import isfile, join, load_json, load_pickle
+from nnunetv2.paths import nnUNet_raw
+from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
+
+from nnunet_landmark.geometry import CaseGeometry
+from nnunet_landmark.layout import LANDMARK_CACHE, LANDMARKS_FOLDER, SPLITS_FILE, atomic_write_text
+from nnunet_landmark.raw_dataset import DatasetError, read_dataset_landmarks, save_json
+
+
+def load_world_landmarks(dataset_name: str, preprocessed_base: str, landmark_names: Sequence[str],
+                         cases: Sequence[str], write_cache: bool = True) -> dict:
+    """World landmarks (case -> (K, 3) LPS mm) from nnUNet_raw/<dataset>/landmarksTr, or from the copy kept
+    beside the preprocessed data."""
+    cache = join(preprocessed_base, LANDMARK_CACHE)
+    raw_folder = join(nnUNet_raw.get(), dataset_name) if nnUNet_raw.is_set() else None
+    if raw_folder is not None and os.path.isdir(join(raw_folder, LANDMARKS_FOLDER)):
+        try:
+            world = read_dataset_landmarks(raw_folder, landmark_names, cases)
+        except DatasetError as e:
+            raise RuntimeError(f"{e}\nEvery training case needs all landmarks {list(landmark_names)}.") from e
+        if write_cache:
+            save_json({"landmarks": list(landmark_names), "coordinate_system": "LPS",
+                       "cases": {c: p.tolist() for c, p in world.items()}}, cache)
+        return world
+    if isfile(cache):
+        stored = load_json(cache)
+        if stored["landmarks"] != list(landmark_names):
+            raise RuntimeError(f"{cache} holds landmarks {stored['landmarks']}, dataset.json "
+                               f"{list(landmark_names)}; delete it and make nnUNet_raw available")
+        missing = [c for c in cases if c not in stored["cases"]]
+        if missing:
+            raise RuntimeError(f"{cache} lacks landmarks for case(s) {missing[:10]}")
+        return {c: np.asarray(stored["cases"][c], dtype=np.float64) for c in cases}
+    raise RuntimeError(f"no landmarks found for {dataset_name}: expected "
+                       f"{raw_folder or '$nnUNet_raw/<dataset>'}/{LANDMARKS_FOLDER}/CASE.mrk.json or {cache}")
+
+
+def load_landmark_targets(preprocessed_folder: str, preprocessed_base: str, plans_manager, configuration_manager,
+                          landmark_names: Sequence[str], write_cache: bool = True) -> tuple[dict, dict]:
+    """(world, preprocessed): case -> (K, 3) LPS mm, and case -> (K, 3) preprocessed voxel index, for every case
+    of the preprocessed data folder. A landmark outside its preprocessed image is an error naming the case."""
+    dataset_class = infer_dataset_class(preprocessed_folder)
+    cases = sorted(dataset_class.get_identifiers(preprocessed_folder))
+    world = load_world_landmarks(plans_manager.dataset_name, preprocessed_base, landmark_names, cases, write_cache)
+    preprocessed = {}
+    for case in cases:
+        properties = load_pickle(join(preprocessed_folder, case + ".pkl"))
+        geometry = CaseGeometry.from_nnunet(properties, plans_manager.transpose_forward, configuration_manager.spacing)
+        positions = geometry.world_to_preprocessed(world[case])
+        shape = np.asarray(geometry.preprocessing.shape_after_resampling)
+        outside = ~np.all((positions > -1) & (positions < shape), axis=1)
+        if outside.any():
+            names = [n for n, o in zip(landmark_names, outside) if o]
+            raise RuntimeError(f"case {case}: landmark(s) {names} lie outside the preprocessed image (positions "
+                               f"{np.round(positions[outside], 1).tolist()}, image shape {shape.tolist()}); check "
+                               f"the annotation's coordinate system (LPS mm expected)")
+        preprocessed[case] = positions
+    return world, preprocessed
+
+
+def copy_raw_splits(preprocessed_base: str, dataset_name: str) -> str | None:
+    """Copy the converter's ``splits_final.json`` from the raw dataset to where nnU-Net's trainer reads it, unless
+    one is there; the path copied from, or None. Without it nnU-Net would silently make its own 5 folds."""
+    splits_file = join(preprocessed_base, SPLITS_FILE)
+    raw_splits = join(nnUNet_raw.get(), dataset_name, SPLITS_FILE) if nnUNet_raw.is_set() else None
+    if isfile(splits_file) or raw_splits is None or not isfile(raw_splits):
+        return None
+    with open(raw_splits) as f:
+        atomic_write_text(splits_file, f.read())
+    return raw_splits
