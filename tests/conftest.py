@@ -110,3 +110,15 @@ def learning_dataset(tmp_path_factory):
     for proving that the landmark model learns."""
     return prepare_dataset(tmp_path_factory.mktemp("learning_dataset"), 812, "LearningPhantoms", ["apex"],
                            20, (64, 64, 48), False, 10, 4)
+
+
+@pytest.fixture(scope="session")
+def learned_model(learning_dataset):
+    """``nnUNetTrainerLandmark_cpu_learn`` (40 x 50 iterations, Adam, beta 100) trained on fold 0 of the
+    ``learning_dataset`` with the real ``nnUNetv2_train`` (~5 minutes on 2 cores): a model that has learned
+    something, for the tests that judge what it predicts."""
+    env, trainer = learning_dataset["env"], "nnUNetTrainerLandmark_cpu_learn"
+    run_cli(["nnUNetv2_train", str(learning_dataset["dataset_id"]), CONFIG, "0", "-tr", trainer, "-p", PLANS,
+             "-device", "cpu"], env, timeout=1200)
+    folder = Path(env["nnUNet_results"]) / learning_dataset["dataset"] / f"{trainer}__{PLANS}__{CONFIG}"
+    return {**learning_dataset, "trainer": trainer, "folder": folder}

@@ -19,7 +19,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from conftest import BIN, CONFIG, PLANS, environment, run_cli, shared_data
+from conftest import BIN, CONFIG, PLANS, environment, run_cli
 from nnunet_landmark.geometry import ImageGeometry
 from nnunet_landmark.landmark_files import read_landmark_table, read_markups
 
@@ -457,22 +457,3 @@ def test_python_predictor_returns_segmentation_and_landmarks(landmark_model, sin
     assert list(landmarks) == LANDMARKS
     for name in LANDMARKS:
         np.testing.assert_allclose(landmarks[name]["world"], markups[name], atol=1e-3)
-
-
-def test_prediction_on_a_real_ct(landmark_model, tmp_path):
-    """A real contrast CT (TotalSegmentator's heart crop): valid Slicer markups inside the image's extent."""
-    env = landmark_model["env"]
-    ct = shared_data("real_ct_heart_totalsegmentator", "chest_ct_heart_crop.nii.gz")
-    inputs = tmp_path / "real_in"
-    inputs.mkdir()
-    shutil.copyfile(ct, inputs / "real_ct_0000.nii.gz")
-    out = tmp_path / "real_out"
-    predict(env, inputs, out, LANDMARK_TRAINER, ("0",), "--disable_tta")
-    geometry = ImageGeometry.from_file(ct)
-    doc = json.loads((out / "real_ct.mrk.json").read_text())
-    assert doc["markups"][0]["coordinateSystem"] == "LPS" and doc["markups"][0]["type"] == "Fiducial"
-    points = read_markups(out / "real_ct.mrk.json")
-    assert list(points) == LANDMARKS
-    for name, point in points.items():
-        assert geometry.contains_world_point(point), (name, point)
-    assert ImageGeometry.from_image(sitk.ReadImage(str(out / "real_ct.nii.gz"))).same_grid_as(geometry)
