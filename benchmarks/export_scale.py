@@ -221,7 +221,7 @@ def table(results: dict) -> str:
         v in run for entry in results["scenarios"].values() for run in entry["runs"].values())]
     label = {"landmark": "landmark", "landmark_baseline": "landmark before"}
     lines = ["| scenario (preprocessed shape) | probabilities | export | wall s | CPU s | peak RSS MiB | wall ratio "
-             "| CPU ratio | RSS ratio | RSS ratio less inputs | landmark part s |",
+             "| CPU ratio | RSS ratio | RSS ratio less inputs | landmark part, wall s |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, entry in results["scenarios"].items():
         for key, run in entry["runs"].items():
