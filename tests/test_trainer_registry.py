@@ -1,7 +1,8 @@
 """Every trainer the package defines is found by nnU-Net's lookup and builds on a real (tiny) dataset.
 
-The trainers are enumerated from ``nnunet_landmark.training.all_trainers`` (every nnUNetTrainer subclass the
-package defines, core and variants), so a trainer added later is covered without touching this file. Each is looked up by name as
+The trainers are enumerated from the modules of ``nnunet_landmark.training`` (every nnUNetTrainer subclass defined
+in any of them, core and variants), so a trainer or variants module added later is covered without touching this
+file, and one that ``all_trainers`` (what nnU-Net's lookup imports) forgets fails. Each is looked up by name as
 ``nnUNetv2_train -tr NAME`` does, constructed on the session's ``smoke_dataset`` (conftest.py) and initialised
 (network, optimizer, loss, landmarks); what its name promises (epochs, beta, Gaussian, Adam, CPU budget) is
 checked against what it built.
@@ -21,12 +22,20 @@ pytestmark = pytest.mark.slow
 
 
 def defined_trainers() -> dict[str, type]:
+    """Every nnUNetTrainer subclass defined in a module of ``nnunet_landmark.training`` (walked, not listed)."""
+    import importlib
+    import pkgutil
+
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
-    from nnunet_landmark.training import all_trainers
-    return {name: value for name, value in vars(all_trainers).items()
-            if isinstance(value, type) and issubclass(value, nnUNetTrainer)
-            and value.__module__.startswith("nnunet_landmark.training.")}
+    import nnunet_landmark.training as package
+    found = {}
+    for module_info in pkgutil.walk_packages(package.__path__, package.__name__ + "."):
+        module = importlib.import_module(module_info.name)
+        for name, value in vars(module).items():
+            if isinstance(value, type) and issubclass(value, nnUNetTrainer) and value.__module__ == module.__name__:
+                assert found.setdefault(name, value) is value, f"two trainers named {name}: checkpoints store names"
+    return found
 
 
 def test_every_trainer_is_exported_for_the_lookup():
