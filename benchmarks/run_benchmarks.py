@@ -156,35 +156,9 @@ def data_loader_benchmark(env: dict, configuration: str, batches: int) -> dict:
                 next(loader)
             rate = batches / (time.perf_counter() - start)
             results[label] = max(results.get(label, 0.0), rate)
+    # where the time goes at MM-WHS size: benchmarks/loader_scale.py
     return {"landmark": {"batches_per_second": results["landmark"]},
-            "plain": {"batches_per_second": results["plain"]},
-            "breakdown_ms_per_batch": data_loader_breakdown(landmark_loader.data_loader, batches)}
-
-
-def data_loader_breakdown(loader, batches: int) -> dict:
-    """Where the landmark loader's extra time goes: rendering the heatmaps, and the augmentation with the heatmap
-    as an extra ``regression_target`` against the same augmentation without it (same samples, same random draws)."""
-    import torch
-
-    from nnunet_landmark.heatmap import render_heatmaps
-    from nnunet_landmark.training.data_loading import _single_threaded
-    timings = {"render": 0.0, "augmentation_without_heatmap": 0.0, "augmentation_with_heatmap": 0.0}
-    for i in range(batches):
-        batch, in_crop = loader.crop_batch()  # nnU-Net's crop loop, as the landmark loader runs it
-        start = time.perf_counter()
-        heatmaps = [torch.from_numpy(render_heatmaps(batch["data"].shape[2:], p, loader.spacing, loader.encoding))
-                    for p in in_crop]
-        timings["render"] += time.perf_counter() - start
-        for key, with_heatmap in (("augmentation_without_heatmap", False), ("augmentation_with_heatmap", True)):
-            torch.manual_seed(i)
-            np.random.seed(i)
-            start = time.perf_counter()
-            with torch.no_grad(), _single_threaded():  # as the loader runs them
-                for b in range(len(batch["data"])):
-                    kwargs = {"regression_target": heatmaps[b]} if with_heatmap else {}
-                    loader.transforms(image=batch["data"][b], segmentation=batch["target"][b], **kwargs)
-            timings[key] += time.perf_counter() - start
-    return {k: 1000 * v / batches for k, v in timings.items()}
+            "plain": {"batches_per_second": results["plain"]}}
 
 
 def prediction_benchmark(env: dict, configuration: str, device: str, workdir: Path, cases: int) -> dict:
