@@ -522,16 +522,60 @@ def test_compare_rejects_different_case_sets(study, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- qc + cli
-def test_qc_figure(study, tmp_path):
+def test_qc_figure(study, tmp_path, monkeypatch):
+    """The figure shows what it says: both outlines in every panel, each point where its voxel index puts it, the
+    Dice and error in the title."""
+    import matplotlib.figure
+    from matplotlib.colors import to_rgba
+
+    from nnunet_landmark.evaluation import plots
+
+    drawn = {}
+    save = matplotlib.figure.Figure.savefig
+
+    def keep(figure, *args, **kwargs):
+        drawn["figure"] = figure
+        return save(figure, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", keep)
     raw, t = study["raw"], study["truth"]["lv_000"]
     png = tmp_path / "qc.png"
-    out = qc_figure(raw / "imagesTr" / "lv_000_0000.nii.gz", raw / "labelsTr" / "lv_000.nii.gz",
+    image_file = raw / "imagesTr" / "lv_000_0000.nii.gz"
+    mean_position = t["points"]["apex"] + 10
+    out = qc_figure(image_file, raw / "labelsTr" / "lv_000.nii.gz",
                     study["landmark_results"] / "fold_0" / "validation" / "lv_000.nii.gz", t["points"]["apex"],
-                    t["predicted"]["apex"], png, extra_points={"mean position": t["points"]["apex"] + 10})
+                    t["predicted"]["apex"], png, extra_points={"mean position": mean_position})
     assert out["error_mm"] == pytest.approx(1.0)
     assert out["dice"] == pytest.approx(independent_dice(t["reference"] == 1, t["landmark_seg"] == 1))
     image = matplotlib.image.imread(png)
     assert image.shape[0] > 400 and image.shape[1] > 1000
+    figure = drawn["figure"]
+    assert f"Dice {out['dice']:.3f}" in figure._suptitle.get_text() and "apex error 1.0 mm" in figure._suptitle.get_text()
+    geometry = ImageGeometry.from_image(sitk.DICOMOrient(sitk.ReadImage(str(image_file)), "LPS"))
+    expected = {marker: geometry.world_to_index(np.asarray(p, dtype=float)) for marker, p in
+                (("P", t["points"]["apex"]), ("X", t["predicted"]["apex"]), ("^", mean_position))}
+    centre = np.round(expected["P"]).astype(int)  # the slices go through the reference point
+    masks = {plots.REFERENCE_COLOUR: sitk.GetArrayFromImage(sitk.DICOMOrient(sitk.ReadImage(
+                 str(raw / "labelsTr" / "lv_000.nii.gz")), "LPS")) == 1,
+             plots.PREDICTION_COLOUR: sitk.GetArrayFromImage(sitk.DICOMOrient(sitk.ReadImage(
+                 str(study["landmark_results"] / "fold_0" / "validation" / "lv_000.nii.gz")), "LPS")) == 1}
+    panels = figure.axes[:3]
+    assert [ax.get_title() for ax in panels] == [f"axial (slice {centre[2]})", f"coronal (slice {centre[1]})",
+                                                 f"sagittal (slice {centre[0]})"]
+    outlined_somewhere = set()
+    # image axes (x, y, z) shown across and down each panel, and the slice of the (z, y, x) array it shows
+    for ax, (column, row), cut in zip(panels, [(0, 1), (0, 2), (1, 2)],
+                                      [np.s_[centre[2]], np.s_[:, centre[1]], np.s_[:, :, centre[0]]]):
+        markers = {line.get_marker(): (line.get_xdata()[0], line.get_ydata()[0]) for line in ax.lines}
+        for marker, index in expected.items():
+            assert markers[marker] == pytest.approx((index[column], index[row]), abs=1e-6), (ax.get_title(), marker)
+        outline_colours = {tuple(np.round(c.get_edgecolor()[0], 3)) for c in ax.collections
+                           if len(c.get_edgecolor())}
+        for colour, mask in masks.items():  # an outline exactly where the mask meets the slice
+            shown = tuple(np.round(to_rgba(colour), 3)) in outline_colours
+            assert shown == bool(mask[cut].any()), (ax.get_title(), colour)
+            outlined_somewhere |= {colour} if shown else set()
+    assert outlined_somewhere == set(masks)
 
 
 def test_entry_points_in_process(study, tmp_path, monkeypatch, capsys):
