@@ -28,7 +28,8 @@ import numpy as np
 import SimpleITK as sitk
 
 from nnunet_landmark.geometry import ImageGeometry
-from nnunet_landmark.landmark_files import LandmarkFileError, read_landmark_csv, read_landmark_table, read_markups
+from nnunet_landmark.landmark_files import (LandmarkFileError, read_image_3d, read_landmark_csv, read_landmark_table,
+                                            read_markups)
 
 DIRECTION = ("maps points of the fixed space into the moving space: p_moving = T(p_fixed) (ITK resampling "
              "convention; resample moving images onto the fixed grid with T as is, move moving points and "
@@ -440,13 +441,7 @@ def _same_case(path: str | os.PathLike, case: str | None) -> str | None:
 
 
 def _read_image(path: str | os.PathLike) -> sitk.Image:
-    try:
-        image = sitk.ReadImage(str(path))
-    except RuntimeError as e:
-        raise AlignmentError(f"{path}: cannot read the image ({str(e).strip().splitlines()[-1]})") from e
-    if image.GetDimension() != 3:
-        raise AlignmentError(f"{path}: expected a 3D image, got {image.GetDimension()}D")
-    return image
+    return read_image_3d(path, "image", AlignmentError)
 
 
 def format_report(report: dict) -> str:

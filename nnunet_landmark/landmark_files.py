@@ -185,18 +185,25 @@ def write_landmark_csv(path: str | os.PathLike, table: Mapping[str, Mapping[str,
     atomic_write_text(path, format_landmark_rows(rows))
 
 
+# ---------------------------------------------------------------------------------------------- images
+def read_image_3d(path: str | os.PathLike, what: str = "image", error: type[Exception] = LandmarkFileError) -> sitk.Image:
+    """A 3D image read with SimpleITK, or ``error`` naming the file and ``what`` it should have been."""
+    try:
+        image = sitk.ReadImage(str(path))
+    except RuntimeError as e:
+        raise error(f"{path}: cannot read the {what} ({str(e).strip().splitlines()[-1]})") from e
+    if image.GetDimension() != 3:
+        raise error(f"{path}: the {what} is {image.GetDimension()}D, expected 3D")
+    return image
+
+
 # ---------------------------------------------------------------------------------------------- sphere masks
 def read_sphere_mask(path: str | os.PathLike, reference: ImageGeometry | None = None) -> np.ndarray:
     """Centroid (LPS mm) of the single ball of nonzero voxels in a mask on the image grid.
 
     ``reference`` is the geometry of the image the mask annotates; a mask on another grid is an error.
     """
-    try:
-        mask = sitk.ReadImage(str(path))
-    except RuntimeError as e:
-        raise LandmarkFileError(f"{path}: cannot read the mask ({str(e).strip().splitlines()[-1]})") from e
-    if mask.GetDimension() != 3:
-        raise LandmarkFileError(f"{path}: the mask is {mask.GetDimension()}D, expected 3D")
+    mask = read_image_3d(path, "mask")
     geometry = ImageGeometry.from_image(mask)
     if reference is not None and not geometry.same_grid_as(reference):
         raise LandmarkFileError(

@@ -26,6 +26,7 @@ from matplotlib.lines import Line2D  # noqa: E402
 from nnunet_landmark.evaluation.metrics import dice, landmark_error_mm  # noqa: E402
 from nnunet_landmark.evaluation.tables import format_number, wilcoxon_text  # noqa: E402
 from nnunet_landmark.geometry import ImageGeometry  # noqa: E402
+from nnunet_landmark.landmark_files import read_image_3d  # noqa: E402
 
 MODEL_COLOURS = {"landmark": "#1f77b4", "plain": "#ff7f0e"}
 METHOD_COLOURS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#7f7f7f"]
@@ -38,13 +39,7 @@ CT_WINDOW = (-200.0, 600.0)  # cardiac CT: level 200, width 800 HU
 
 
 def _read_oriented(path: str | os.PathLike, what: str) -> sitk.Image:
-    try:
-        image = sitk.ReadImage(str(path))
-    except RuntimeError as e:
-        raise ValueError(f"{path}: cannot read the {what} ({str(e).strip().splitlines()[-1]})") from e
-    if image.GetDimension() != 3:
-        raise ValueError(f"{path}: the {what} is not 3D")
-    return sitk.DICOMOrient(image, "LPS")
+    return sitk.DICOMOrient(read_image_3d(path, what, ValueError), "LPS")
 
 
 def _window(array: np.ndarray, window) -> tuple[float, float]:
