@@ -136,28 +136,25 @@ class LandmarkMirrorTransform(MirrorTransform):
         return keypoints.mapped(_spatial_axes_offset(keypoints, len(shape)), linear, shift)
 
 
-class LandmarkConvert3DTo2DTransform(Convert3DTo2DTransform):
+class _KeypointsUnchanged:
+    """Mixin for transforms that move no voxel: the keypoints pass through."""
+
+    maps_landmark_keypoints = True
+
+    @classmethod
+    def from_transform(cls, transform):
+        return _copy_as(cls, transform)
+
+    def _apply_to_keypoints(self, keypoints, **params):
+        return keypoints
+
+
+class LandmarkConvert3DTo2DTransform(_KeypointsUnchanged, Convert3DTo2DTransform):
     """Pseudo-2D: the keypoints keep 3 coordinates; 2D transforms act on the last two."""
 
-    maps_landmark_keypoints = True
 
-    @classmethod
-    def from_transform(cls, transform):
-        return _copy_as(cls, transform)
-
-    def _apply_to_keypoints(self, keypoints, **params):
-        return keypoints
-
-
-class LandmarkConvert2DTo3DTransform(Convert2DTo3DTransform):
-    maps_landmark_keypoints = True
-
-    @classmethod
-    def from_transform(cls, transform):
-        return _copy_as(cls, transform)
-
-    def _apply_to_keypoints(self, keypoints, **params):
-        return keypoints
+class LandmarkConvert2DTo3DTransform(_KeypointsUnchanged, Convert2DTo3DTransform):
+    """Back to 3D after pseudo-2D augmentation: the keypoints already have 3 coordinates."""
 
 
 # exact types replaced by a keypoint-aware subclass
