@@ -167,7 +167,7 @@ def train_worker(trainer_name: str, configuration: str, device_name: str, warmup
     return {"seconds_per_iteration": float(np.median(total)), "mean_seconds_per_iteration": float(total.mean()),
             "seconds_waiting_for_data": float(np.mean(waits)), "seconds_in_train_step": float(np.median(steps)),
             "first_iteration_seconds": first_step_seconds, "peak_cuda_memory_mib": peak,
-            "compiled": bool(getattr(trainer, "_do_i_compile")()), "dynamo_frames_compiled": int(frames.get("ok", 0)),
+            "compiled": bool(trainer._do_i_compile()), "dynamo_frames_compiled": int(frames.get("ok", 0)),
             "dynamo_unique_graphs": graphs,
             "dynamo_frames_compiled_after_warmup": int(frames.get("ok", 0)) - int((frames_after_warmup or {}).get("ok", 0)),
             "recompiles": len(recompiles), "recompile_reasons": recompiles[:5], "skipped_gradscaler_steps": skipped,
@@ -380,7 +380,7 @@ def main() -> int:
     failures = find_failures(results)
     results["failures"] = failures
     table = render_table(results, configuration, warmup, timed)
-    (workdir / "gpu_check.json").write_text(json.dumps(results, indent=1))
+    save_partial(workdir, results)
     (workdir / "gpu_check.md").write_text(table)
     print("\n" + table, flush=True)
     return 1 if failures else 0
