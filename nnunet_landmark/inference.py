@@ -7,12 +7,14 @@ plain nnU-Net writes) and then, from the K heatmap channels:
 
 * ``CASE.mrk.json``: 3D Slicer markups, LPS mm, one control point per landmark, labelled by name,
   with the confidence in the description;
-* a row per landmark in the folder's ``landmarks.csv`` (``case,name,x,y,z,i,j,k,confidence``: world LPS
-  mm, continuous ITK voxel index of the original image, confidence in [0, 1]);
+* a row per landmark in the folder's ``landmarks.csv`` (``case,name,x,y,z,i,j,k,confidence,heatmap_x,heatmap_y,
+  heatmap_z,estimator``: world LPS mm, continuous ITK voxel index of the original image, confidence in [0, 1], the
+  heatmap's own extremum in world LPS mm, and how the position was estimated: ``prior+heatmap`` or ``heatmap``);
 * with ``save_probabilities``: ``heatmaps/CASE_NAME.nii.gz``, each heatmap on the original image grid
   (float32 values in [0, 1], rounded to float16 precision).
 
-Heatmaps are decoded where the network predicted them (preprocessed space, with sub-voxel refinement)
+Heatmaps are decoded where the network predicted them (preprocessed space, with sub-voxel refinement), combined
+with the model's landmark position prior placed in the frame of the predicted segmentation (``position_prior``),
 and the point is mapped back through ``geometry`` - no resampling of the heatmap is involved. Decoding
 makes no full-volume temporaries and never copies the C + K logits (a 512 x 512 x 300 case: about 0.1 s
 for three landmarks; see benchmarks/export_scale.py), so the export costs what nnU-Net's own does plus
@@ -43,9 +45,10 @@ from nnunet_landmark.geometry import CaseGeometry
 from nnunet_landmark.heatmap import decode_heatmap
 from nnunet_landmark.landmark_files import format_landmark_rows, write_markups
 from nnunet_landmark.landmark_heads import LandmarkHeads
+from nnunet_landmark.position_prior import affine_of, combine_with_heatmap, pooled_prediction, structure_moments
 
 LANDMARK_TABLE = "landmarks.csv"
-TABLE_EXTRA_COLUMNS = ("i", "j", "k", "confidence")
+TABLE_EXTRA_COLUMNS = ("i", "j", "k", "confidence", "heatmap_x", "heatmap_y", "heatmap_z", "estimator")
 HEATMAP_FOLDER = "heatmaps"
 
 # the function nnU-Net exports segmentations with, captured before nnunet_integration replaces the names
@@ -130,23 +133,49 @@ def reliable_sliding_window_region(shape, patch_size, step_size: float = 0.5, mi
 
 def decode_landmarks(heatmap_logits: Union[np.ndarray, torch.Tensor], properties: dict, plans_manager: PlansManager,
                      configuration_manager: ConfigurationManager, heads: LandmarkHeads, case: str = "case",
-                     refine: bool = True) -> "OrderedDict[str, dict]":
-    """{name: {"world": LPS mm, "index": ITK continuous index, "confidence": float}} from (K, ...) logits
-    in preprocessed space (as the sliding window returns them). Only voxels the predictor's sliding window
-    (its step size, recorded by ``nnunet_integration``) averaged reliably are searched; no full-volume
-    temporaries are made."""
+                     refine: bool = True, segmentation_logits: Union[np.ndarray, torch.Tensor, None] = None,
+                     label_manager=None) -> "OrderedDict[str, dict]":
+    """{name: {"world": LPS mm, "index": ITK continuous index, "confidence": float, "heatmap_world": LPS mm,
+    "estimator": str}} from (K, ...) heatmap logits in preprocessed space (as the sliding window returns them).
+
+    ``heatmap_world`` is the heatmap's own extremum (sub-voxel refined). Only voxels the predictor's sliding window
+    (its step size, recorded by ``nnunet_integration``) averaged reliably are searched. With the model's position
+    priors (``heads.position_priors``) and the (C, ...) ``segmentation_logits``, ``world`` combines the prior, placed in
+    the frame of the predicted segmentation, with the heatmap (``position_prior.combine_with_heatmap``; estimator
+    ``"prior+heatmap"``); otherwise it is the heatmap extremum (estimator ``"heatmap"``). No full-volume temporaries.
+    """
     if isinstance(heatmap_logits, torch.Tensor):
         heatmap_logits = heatmap_logits.detach().cpu().numpy()
     geometry = CaseGeometry.from_nnunet(properties, plans_manager.transpose_forward, configuration_manager.spacing)
     step_size, use_gaussian = nnunet_integration.sliding_window_settings(configuration_manager)
     valid = SlidingWindowRegion(heatmap_logits.shape[1:], configuration_manager.patch_size, step_size, use_gaussian)
+    affine = affine_of(geometry.preprocessed_to_world)
+    moments = None
+    if heads.position_priors and segmentation_logits is not None:
+        if isinstance(segmentation_logits, torch.Tensor):
+            segmentation_logits = segmentation_logits.detach().cpu().numpy()
+        if label_manager is not None and label_manager.has_regions:
+            def to_labels(slab):
+                return label_manager.convert_logits_to_segmentation(np.asarray(slab, dtype=np.float32))
+        else:
+            def to_labels(slab):
+                return np.argmax(slab, axis=0)
+        moments = structure_moments(segmentation_logits, affine, to_labels=to_labels)
     out: "OrderedDict[str, dict]" = OrderedDict()
     for name, logits in zip(heads.names, heatmap_logits):
         decoded = decode_heatmap(logits, heads.encoding, geometry.preprocessed_spacing, refine=refine,
                                  name=f"{case}/{name}", already_sigmoid=False, valid=valid)
-        out[name] = {"world": geometry.preprocessed_to_world(decoded.position),
-                     "index": geometry.preprocessed_to_image_index(decoded.position),
-                     "confidence": decoded.confidence}
+        position, estimator = decoded.position, "heatmap"
+        prediction = pooled_prediction(heads.position_priors, name, moments) if moments is not None else None
+        if prediction is not None:
+            combined = combine_with_heatmap(logits, heads.encoding, valid, affine, *prediction)
+            if combined is not None:
+                position, estimator = combined, "prior+heatmap"
+        out[name] = {"world": geometry.preprocessed_to_world(position),
+                     "index": geometry.preprocessed_to_image_index(position),
+                     "confidence": decoded.confidence,
+                     "heatmap_world": geometry.preprocessed_to_world(decoded.position),
+                     "estimator": estimator}
     return out
 
 
@@ -234,7 +263,9 @@ def update_landmark_table(folder: str, case: str, landmarks: "OrderedDict[str, d
     path = os.path.join(folder, LANDMARK_TABLE)
     new_rows = [{"case": case, "name": name, "x": float(v["world"][0]), "y": float(v["world"][1]),
                  "z": float(v["world"][2]), "i": float(v["index"][0]), "j": float(v["index"][1]),
-                 "k": float(v["index"][2]), "confidence": float(v["confidence"])} for name, v in landmarks.items()]
+                 "k": float(v["index"][2]), "confidence": float(v["confidence"]),
+                 **{f"heatmap_{axis}": float(c) for axis, c in zip("xyz", v.get("heatmap_world", v["world"]))},
+                 "estimator": v.get("estimator", "heatmap")} for name, v in landmarks.items()]
     with _locked_folder(folder):
         rows = []
         if os.path.isfile(path):
@@ -251,7 +282,8 @@ def update_landmark_table(folder: str, case: str, landmarks: "OrderedDict[str, d
 def write_heatmaps_on_image_grid(heatmap_logits: np.ndarray, properties: dict, plans_manager: PlansManager,
                                  configuration_manager: ConfigurationManager, heads: LandmarkHeads,
                                  output_file_truncated: str) -> list[str]:
-    """Resample the heatmaps (values in [0, 1]) back to the original image grid, one NIfTI per landmark.
+    """Resample the heatmaps (values in [0, 1]) back to the original image grid, one NIfTI per landmark; voxels the
+    sliding window did not average reliably (``SlidingWindowRegion``) hold the background value, as outside the crop.
 
     One heatmap at a time (a 512 x 512 x 300 float32 volume is 300 MB). Values are stored at float16 precision
     (relative 5e-4, that of nnU-Net's float16 logits): gzip then runs ~4x faster and the file is ~2.4x smaller.
@@ -262,8 +294,14 @@ def write_heatmaps_on_image_grid(heatmap_logits: np.ndarray, properties: dict, p
     os.makedirs(folder, exist_ok=True)
     stuff = properties["sitk_stuff"]
     written = []
+    # what the decoder cannot trust (the far tails of the sliding window at the volume's edges and corners) is
+    # written as "far from the landmark", so the file shows what the decoder searched
+    step_size, use_gaussian = nnunet_integration.sliding_window_settings(configuration_manager)
+    region = SlidingWindowRegion(heatmap_logits.shape[1:], configuration_manager.patch_size, step_size, use_gaussian)
     for name, logits in zip(heads.names, heatmap_logits):
         probabilities = torch.sigmoid_(torch.from_numpy(np.array(logits, dtype=np.float32))).numpy()
+        for i in range(probabilities.shape[0]):
+            probabilities[i][~region[i]] = heads.encoding.background
         resampled = configuration_manager.resampling_fn_probabilities(
             probabilities[None], properties["shape_after_cropping_and_before_resampling"],
             configuration_manager.spacing, spacing_transposed)
@@ -286,14 +324,17 @@ def write_heatmaps_on_image_grid(heatmap_logits: np.ndarray, properties: dict, p
 
 def export_landmarks(heatmap_logits, properties: dict, plans_manager: PlansManager,
                      configuration_manager: ConfigurationManager, heads: LandmarkHeads, output_file_truncated: str,
-                     save_heatmaps: bool = False) -> "OrderedDict[str, dict]":
+                     save_heatmaps: bool = False, segmentation_logits=None, label_manager=None
+                     ) -> "OrderedDict[str, dict]":
     """Decode and write one case's landmarks (markups, the folder's table, optionally heatmaps)."""
     if isinstance(heatmap_logits, torch.Tensor):
         heatmap_logits = heatmap_logits.detach().cpu().numpy()
     case = os.path.basename(output_file_truncated)
-    landmarks = decode_landmarks(heatmap_logits, properties, plans_manager, configuration_manager, heads, case)
+    landmarks = decode_landmarks(heatmap_logits, properties, plans_manager, configuration_manager, heads, case,
+                                 segmentation_logits=segmentation_logits, label_manager=label_manager)
     write_markups(output_file_truncated + ".mrk.json", {n: v["world"] for n, v in landmarks.items()},
-                  {n: f"confidence={v['confidence']:.3f}" for n, v in landmarks.items()})
+                  {n: f"confidence={v['confidence']:.3f}; estimator={v['estimator']}; heatmap extremum (LPS mm)="
+                      + ",".join(f"{c:.2f}" for c in v["heatmap_world"]) for n, v in landmarks.items()})
     update_landmark_table(os.path.dirname(os.path.abspath(output_file_truncated)), case, landmarks)
     if save_heatmaps:
         write_heatmaps_on_image_grid(heatmap_logits, properties, plans_manager, configuration_manager, heads,
@@ -323,7 +364,8 @@ def export_prediction_with_landmarks(predicted_array_or_file, properties_dict: d
                            f"the landmark model {heads.num_output_channels} ({c} segmentation + {heads.num_landmarks} "
                            f"heatmaps)")
     export_landmarks(predicted_array_or_file[c:], properties_dict, plans_manager, configuration_manager, heads,
-                     output_file_truncated, save_probabilities)
+                     output_file_truncated, save_probabilities, segmentation_logits=predicted_array_or_file[:c],
+                     label_manager=plans_manager.get_label_manager(dataset_json_dict_or_file))
     return export_segmentation_from_logits(predicted_array_or_file[:c], properties_dict, configuration_manager,
                                            plans_manager, dataset_json_dict_or_file, output_file_truncated,
                                            save_probabilities, **kwargs)
@@ -368,5 +410,6 @@ class nnUNetLandmarkPredictor(nnUNetPredictor):
             logits[:c], self.plans_manager, self.configuration_manager,
             self.plans_manager.get_label_manager(self.dataset_json), item["data_properties"])
         landmarks = decode_landmarks(logits[c:], item["data_properties"], self.plans_manager,
-                                     self.configuration_manager, heads, refine=refine)
+                                     self.configuration_manager, heads, refine=refine, segmentation_logits=logits[:c],
+                                     label_manager=self.plans_manager.get_label_manager(self.dataset_json))
         return segmentation, landmarks

@@ -5,15 +5,22 @@ in dataset.json ``"landmarks"``). nnU-Net rebuilds networks at inference from th
 ``build_network_architecture(plans_manager, ...)``, which sees the plans but not dataset.json, so the
 trainer writes this description into its copy of the plans (saved as ``plans.json`` in the model
 folder) under ``PLANS_KEY``. Plans without the key are plain nnU-Net models and are left alone.
+
+The same entry holds each trained fold's landmark position prior (``position_prior``) under ``"position_priors"``
+(``{"fold_0": {...}, ...}``): the trainer of a fold records its own (rank 0, under a lock, so folds trained in
+parallel keep each other's), and prediction pools every fold's.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, field
 
 from nnunet_landmark.heatmap import HeatmapEncoding
-from nnunet_landmark.layout import check_landmark_names
+from nnunet_landmark.layout import atomic_write_json, check_landmark_names
+from nnunet_landmark.position_prior import PositionPrior
 
 PLANS_KEY = "nnunet_landmark"
+PRIORS_KEY = "position_priors"
 
 
 @dataclass(frozen=True)
@@ -21,6 +28,7 @@ class LandmarkHeads:
     names: tuple[str, ...]
     num_segmentation_heads: int  # C: channels before the heatmaps
     encoding: HeatmapEncoding
+    position_priors: tuple = field(default=(), compare=False)  # PositionPrior per trained fold (may be empty)
 
     @property
     def num_landmarks(self) -> int:
@@ -40,8 +48,34 @@ class LandmarkHeads:
         entry = plans.get(PLANS_KEY) if isinstance(plans, dict) else None
         if entry is None:
             return None
+        priors = tuple(PositionPrior.from_dict(p) for _, p in sorted(entry.get(PRIORS_KEY, {}).items()))
         return cls(tuple(entry["landmarks"]), int(entry["num_segmentation_heads"]),
-                   HeatmapEncoding.from_dict(entry["heatmap_encoding"]))
+                   HeatmapEncoding.from_dict(entry["heatmap_encoding"]), priors)
+
+
+def set_position_prior(plans: dict, fold_key: str, prior: PositionPrior | None) -> None:
+    """Make ``prior`` the only position prior of in-memory ``plans`` (a fold's trainer validates with its own)."""
+    plans[PLANS_KEY][PRIORS_KEY] = {} if prior is None else {fold_key: prior.to_dict()}
+
+
+def record_position_prior(plans_file: str, fold_key: str, prior: PositionPrior | None) -> None:
+    """Add (or replace) one fold's prior in a model folder's ``plans.json``, keeping the other folds' priors.
+
+    Folds are often trained in parallel, each writing ``plans.json`` when it starts: the update holds the folder's
+    lock and rewrites the file atomically.
+    """
+    from batchgenerators.utilities.file_and_folder_operations import load_json
+
+    from nnunet_landmark.inference import _locked_folder
+
+    with _locked_folder(os.path.dirname(os.path.abspath(plans_file))):
+        plans = load_json(plans_file)
+        priors = plans.setdefault(PLANS_KEY, {}).setdefault(PRIORS_KEY, {})
+        if prior is None:
+            priors.pop(fold_key, None)
+        else:
+            priors[fold_key] = prior.to_dict()
+        atomic_write_json(plans, plans_file)
 
 
 def landmark_names_from_dataset_json(dataset_json: dict, source: str = "dataset.json") -> tuple[str, ...]:

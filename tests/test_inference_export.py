@@ -488,8 +488,13 @@ def test_heatmap_files_hold_the_heatmaps_at_float16_precision(tmp_path, resample
                                  "direction": tuple(np.eye(3).ravel())}}
     written = write_heatmaps_on_image_grid(logits, properties, plans_manager, configuration, heads,
                                            str(tmp_path / "case"))
-    # all channels at once, in float32, as the export first did
+    # all channels at once, in float32, as the export first did; the voxels the decoder does not search (the
+    # sliding window's unreliable corners) hold the background value
+    from nnunet_landmark.inference import reliable_sliding_window_region
+    unreliable = ~reliable_sliding_window_region(preprocessed, configuration.patch_size)
+    assert 0 < unreliable.mean() < 0.5
     probabilities = torch.sigmoid(torch.as_tensor(logits.astype(np.float32)))
+    probabilities[:, torch.from_numpy(unreliable)] = heads.encoding.background
     resampled = configuration.resampling_fn_probabilities(probabilities, cropped, configuration.spacing,
                                                           [spacing[i] for i in transpose_forward])
     full = np.full((2, *shape_t), 1.0, np.float32)

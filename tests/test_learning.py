@@ -18,7 +18,7 @@ from conftest import CONFIG, PLANS, run_cli, shared_data
 from nnunet_landmark.baselines import MeanPositionBaseline
 from nnunet_landmark.evaluation.metrics import dice
 from nnunet_landmark.geometry import ImageGeometry
-from nnunet_landmark.landmark_files import read_markups
+from nnunet_landmark.landmark_files import read_landmark_table, read_markups
 
 pytestmark = pytest.mark.slow
 TRAINER = "nnUNetTrainerLandmark_cpu_learn"
@@ -63,8 +63,18 @@ def test_landmark_model_learns_on_cpu(learned_model, tmp_path):
               for n in LANDMARKS}
     print(json.dumps({"landmark_errors": report, "lv_dice": np.round(dices, 3).tolist()}, indent=1))
     assert np.mean(dices) > 0.8, dices
+    # the estimate combines the position prior (in the frame of the predicted LV) with the heatmap; the table keeps
+    # the heatmap's own extremum. Measured on two demo models (20 unseen phantoms): apex 3.0 mm mean, 6.0 max,
+    # against 8.8 / 23.7 for the heatmap extremum.
+    table = read_landmark_table(out / "landmarks.csv")
+    assert {r["estimator"] for r in table} == {"prior+heatmap"}
+    extremum_errors = {n: [np.linalg.norm(np.array([float(r[f"heatmap_{a}"]) for a in "xyz"]) - truth[r["case"]][n])
+                           for r in table if r["name"] == n] for n in LANDMARKS}
+    print(json.dumps({"heatmap_extremum_mm": {n: np.round(v, 1).tolist() for n, v in extremum_errors.items()}}))
     for name in LANDMARKS:
         assert np.mean(errors[name]) < 0.6 * np.mean(baseline_errors[name]), (name, report[name])
+        assert np.mean(errors[name]) < np.mean(extremum_errors[name]), (name, report[name])
+        assert np.max(errors[name]) < 12.0, (name, report[name])  # nowhere far from the anatomy
 
 
 def test_prediction_on_a_real_ct(learned_model, tmp_path):

@@ -300,7 +300,7 @@ def test_predict_writes_segmentation_and_landmarks(landmark_model, prediction_in
     table = read_landmark_table(out / "landmarks.csv")
     assert [(r["case"], r["name"]) for r in table] == [(c, n) for c in cases for n in LANDMARKS]
     with open(out / "landmarks.csv") as f:
-        assert f.readline().strip() == "case,name,x,y,z,i,j,k,confidence"
+        assert f.readline().strip() == "case,name,x,y,z,i,j,k,confidence,heatmap_x,heatmap_y,heatmap_z,estimator"
     for case in cases:
         image = inputs / f"{case}_0000.nii.gz"
         seg = sitk.ReadImage(str(out / f"{case}.nii.gz"))
@@ -319,12 +319,18 @@ def test_predict_writes_segmentation_and_landmarks(landmark_model, prediction_in
             predictor.plans_manager.get_label_manager(predictor.dataset_json), pre_properties)
         np.testing.assert_array_equal(sitk.GetArrayFromImage(seg), expected)
         decoded = decode_landmarks(logits[2:], pre_properties, predictor.plans_manager,
-                                   predictor.configuration_manager, predictor.landmark_heads)
+                                   predictor.configuration_manager, predictor.landmark_heads,
+                                   segmentation_logits=logits[:2],
+                                   label_manager=predictor.plans_manager.get_label_manager(predictor.dataset_json))
         for name in LANDMARKS:
             np.testing.assert_allclose(markups[name], decoded[name]["world"], atol=1e-3)
-        # the confidence in the table is the decoder's for these logits
+        # the confidence, the heatmap's own extremum and the estimator in the table are the decoder's for these
+        # logits (the smoke model's segmentation may hold no LV at all, then there is no frame for the prior)
         for row in (r for r in table if r["case"] == case):
             assert float(row["confidence"]) == pytest.approx(decoded[row["name"]]["confidence"], abs=1e-4)
+            np.testing.assert_allclose([float(row[f"heatmap_{a}"]) for a in "xyz"],
+                                       decoded[row["name"]]["heatmap_world"], atol=1e-3)
+            assert row["estimator"] == decoded[row["name"]]["estimator"]
 
 
 def test_predict_with_tta_two_folds_probabilities_and_continue(pretrained_fold, prediction_inputs, tmp_path):
@@ -342,7 +348,10 @@ def test_predict_with_tta_two_folds_probabilities_and_continue(pretrained_fold, 
     # folds averaged like segmentation logits (with mirroring): the landmarks decode the averaged heatmaps
     predictor, logits, pre_properties, _, _ = in_process_logits(env, landmark_model["folder"], (0, 1), image, True)
     decoded = decode_landmarks(logits[2:], pre_properties, predictor.plans_manager, predictor.configuration_manager,
-                               predictor.landmark_heads)
+                               predictor.landmark_heads, segmentation_logits=logits[:2],
+                               label_manager=predictor.plans_manager.get_label_manager(predictor.dataset_json))
+    # both folds' position priors are pooled
+    assert len(predictor.landmark_heads.position_priors) == 2
     markups = read_markups(out / f"{case}.mrk.json")
     for name in LANDMARKS:
         np.testing.assert_allclose(markups[name], decoded[name]["world"], atol=1e-2)
@@ -352,9 +361,11 @@ def test_predict_with_tta_two_folds_probabilities_and_continue(pretrained_fold, 
         heatmap = sitk.ReadImage(str(out / "heatmaps" / f"{case}_{name}.nii.gz"))
         assert ImageGeometry.from_image(heatmap).same_grid_as(ImageGeometry.from_file(image))
         values = sitk.GetArrayFromImage(heatmap)
-        # the log-distance heatmap has its minimum where the landmark was exported (measured: the lowest value, or
-        # within the lowest 0.01 %; sub-voxel decoding and resampling to this grid move it by a voxel at most)
-        voxel = np.round(ImageGeometry.from_image(heatmap).world_to_array_index(markups[name])).astype(int)
+        # the log-distance heatmap has its minimum at the heatmap extremum the table reports (measured: the lowest
+        # value, or within the lowest 0.01 %; sub-voxel decoding and resampling to this grid move it by a voxel at
+        # most); the voxels the sliding window did not average reliably are written as background
+        voxel = np.round(ImageGeometry.from_image(heatmap).world_to_array_index(
+            decoded[name]["heatmap_world"])).astype(int)
         assert np.all(voxel >= 0) and np.all(voxel < values.shape), (name, voxel)
         assert values.max() - values.min() > 0.1, f"{name}: a flat heatmap makes the next check empty"
         assert (values < values[tuple(voxel)]).mean() < 0.01, name
@@ -457,3 +468,30 @@ def test_python_predictor_returns_segmentation_and_landmarks(landmark_model, sin
     assert list(landmarks) == LANDMARKS
     for name in LANDMARKS:
         np.testing.assert_allclose(landmarks[name]["world"], markups[name], atol=1e-3)
+
+
+def test_training_records_the_position_prior_and_fit_prior_reproduces_it(landmark_model, tmp_path):
+    """The trainer learns each landmark's position prior from its fold's training cases (reference segmentations
+    and landmarks) and records it in the model's plans.json; ``nnUNetv2_landmark_fit_prior`` (for models trained
+    before priors existed) fits exactly the same from the same cases."""
+    plans = json.loads((landmark_model["folder"] / "plans.json").read_text())
+    recorded = plans["nnunet_landmark"]["position_priors"]["fold_0"]
+    assert sorted(recorded) == sorted(LANDMARKS)
+    splits = json.loads((Path(landmark_model["env"]["nnUNet_preprocessed"]) / DATASET / "splits_final.json").read_text())
+    for prior in recorded.values():
+        assert prior["cases"] == len(splits[0]["train"]) == 8
+        assert prior["loo_rms_mm"] > 0
+    # a copy of the model without priors, as an older version trained it
+    env = {**landmark_model["env"], "nnUNet_results": str(tmp_path / "results")}
+    copy = tmp_path / "results" / DATASET / landmark_model["folder"].name
+    shutil.copytree(landmark_model["folder"], copy)
+    del plans["nnunet_landmark"]["position_priors"]
+    (copy / "plans.json").write_text(json.dumps(plans))
+    result = run_cli(["nnUNetv2_landmark_fit_prior", "-d", str(DATASET_ID), "-tr", LANDMARK_TRAINER, "-p", PLANS,
+                      "-c", CONFIG, "-f", "0"], env)
+    assert "fold_0: apex (structure" in result.stdout
+    refitted = json.loads((copy / "plans.json").read_text())["nnunet_landmark"]["position_priors"]
+    assert list(refitted) == ["fold_0"]
+    for name in LANDMARKS:
+        for key, value in recorded[name].items():
+            np.testing.assert_allclose(refitted["fold_0"][name][key], value, rtol=1e-9, atol=1e-12, err_msg=key)

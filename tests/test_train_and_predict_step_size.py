@@ -61,7 +61,9 @@ def test_step_size_reaches_the_landmark_export(smoke_landmark_model, tmp_path):
             logits = predictor.predict_logits_from_preprocessed_data(item["data"]).cpu().numpy()
         assert nnunet_integration.sliding_window_settings(predictor.configuration_manager) == (step, True)
         decoded = decode_landmarks(logits[2:], item["data_properties"], predictor.plans_manager,
-                                   predictor.configuration_manager, predictor.landmark_heads)
+                                   predictor.configuration_manager, predictor.landmark_heads,
+                                   segmentation_logits=logits[:2],
+                                   label_manager=predictor.plans_manager.get_label_manager(predictor.dataset_json))
         for name in LANDMARKS:
             np.testing.assert_allclose(exported[step][name], decoded[name]["world"], atol=1e-3)
         regions[step] = np.asarray(SlidingWindowRegion(logits.shape[1:], predictor.configuration_manager.patch_size,

@@ -82,3 +82,20 @@ def copy_raw_splits(preprocessed_base: str, dataset_name: str) -> str | None:
     with open(raw_splits) as f:
         atomic_write_text(splits_file, f.read())
     return raw_splits
+
+
+def fit_position_prior(preprocessed_folder: str, cases: Sequence[str], world_landmarks: dict, plans_manager,
+                       configuration_manager, landmark_names: Sequence[str]):
+    """``position_prior.PositionPrior`` of the training ``cases`` from their preprocessed reference segmentations and
+    world landmarks (None with fewer than ``position_prior.MIN_CASES`` cases)."""
+    from tqdm import tqdm
+
+    from nnunet_landmark.position_prior import PositionPrior, affine_of, structure_moments
+
+    dataset = infer_dataset_class(preprocessed_folder)(preprocessed_folder, list(cases))
+    fitted = []
+    for case in tqdm(sorted(cases), desc="Landmark position prior", disable=len(cases) < 50):
+        _, seg, _, properties = dataset.load_case(case)
+        geometry = CaseGeometry.from_nnunet(properties, plans_manager.transpose_forward, configuration_manager.spacing)
+        fitted.append((structure_moments(seg, affine_of(geometry.preprocessed_to_world)), world_landmarks[case]))
+    return PositionPrior.fit(fitted, landmark_names)

@@ -9,6 +9,8 @@ base class's; this class adds what is new:
 * the data loader maps each landmark through the augmentation and renders its heatmap on the patch;
 * the loss is nnU-Net's Dice+CE on the C channels + beta * MSE on the sigmoid of the K channels;
 * the log gains the heatmap loss and a per-epoch landmark error in mm (also in progress.png);
+* a landmark position prior is learned from the fold's training cases (``position_prior``; recorded per fold in the
+  plans), which prediction combines with the heatmap;
 * the final validation also writes each case's landmarks and ``landmark_summary.json``.
 """
 from __future__ import annotations
@@ -17,7 +19,7 @@ import warnings
 
 import numpy as np
 import torch
-from batchgenerators.utilities.file_and_folder_operations import join
+from batchgenerators.utilities.file_and_folder_operations import isfile, join
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.helpers import dummy_context
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
@@ -26,12 +28,13 @@ from torch import distributed as dist
 from nnunet_landmark import nnunet_integration
 from nnunet_landmark.heatmap import HeatmapEncoding, decode_heatmap
 from nnunet_landmark.evaluation.metrics import landmark_errors_mm
-from nnunet_landmark.landmark_files import LandmarkFileError, read_markups
-from nnunet_landmark.landmark_heads import LandmarkHeads, landmark_names_from_dataset_json
-from nnunet_landmark.layout import LANDMARK_SUMMARY, markups_path
+from nnunet_landmark.landmark_files import LandmarkFileError, read_landmark_table, read_markups
+from nnunet_landmark.landmark_heads import (LandmarkHeads, landmark_names_from_dataset_json, record_position_prior,
+                                            set_position_prior)
+from nnunet_landmark.layout import LANDMARK_SUMMARY, LANDMARK_TABLE, markups_path
 from nnunet_landmark.raw_dataset import save_json
 from nnunet_landmark.training.data_loading import nnUNetLandmarkDataLoader
-from nnunet_landmark.training.landmark_targets import copy_raw_splits, load_landmark_targets
+from nnunet_landmark.training.landmark_targets import copy_raw_splits, fit_position_prior, load_landmark_targets
 from nnunet_landmark.training.loss import SegmentationHeatmapLoss
 from nnunet_landmark.training.progress_logging import LandmarkLocalLogger
 
@@ -71,6 +74,7 @@ class nnUNetTrainerLandmark(nnUNetTrainer):
         self.landmark_heads: LandmarkHeads | None = None
         self.world_landmarks = None  # case -> (K, 3) LPS mm
         self.preprocessed_landmarks = None  # case -> (K, 3) preprocessed voxel index
+        self.position_prior = None  # position_prior.PositionPrior of this fold's training cases
         self.logger.local_logger = LandmarkLocalLogger(self.logger.local_logger.verbose)
 
     # ------------------------------------------------------------------------------------------ network
@@ -104,6 +108,38 @@ class nnUNetTrainerLandmark(nnUNetTrainer):
             self.print_to_log_file(f"landmarks {list(self.landmark_names)}, heatmap encoding "
                                    f"{self.landmark_heads.encoding}, heatmap loss weight {self.heatmap_loss_weight}")
         super().initialize()
+        self._fit_position_prior()
+
+    @property
+    def _fold_key(self) -> str:
+        return f"fold_{self.fold}"
+
+    def _fit_position_prior(self) -> None:
+        """Learn where each landmark sits in the frame of the reference segmentation of this fold's training cases
+        (never its validation cases) and put it in the in-memory plans, which the final validation exports with."""
+        train_keys, _ = self.do_split()
+        prior = fit_position_prior(self.preprocessed_dataset_folder, train_keys, self.world_landmarks,
+                                   self.plans_manager, self.configuration_manager, self.landmark_names)
+        self.position_prior = prior
+        set_position_prior(self.plans_manager.plans, self._fold_key, prior)
+        if prior is None:
+            self.print_to_log_file("fewer than 3 training cases: no landmark position prior; landmarks are the heatmap "
+                                   "extrema")
+            return
+        for name, p in prior.landmarks.items():
+            self.print_to_log_file(f"position prior of {name}: structure {p.structure} (0 = all foreground), "
+                                   f"leave-one-out error on the training references {p.loo_rms_mm:.2f} mm RMS")
+
+    def _record_position_prior(self) -> None:
+        """Add this fold's prior to the model folder's plans.json next to the other folds' (nnU-Net rewrites the file
+        with the in-memory plans, which hold this fold's only)."""
+        plans_file = join(self.output_folder_base, "plans.json")
+        if self.local_rank == 0 and isfile(plans_file):
+            record_position_prior(plans_file, self._fold_key, self.position_prior)
+
+    def on_train_start(self):
+        super().on_train_start()
+        self._record_position_prior()
 
     # ------------------------------------------------------------------------------------------ landmarks
     def _load_landmarks(self) -> tuple[dict, dict]:
@@ -170,12 +206,8 @@ class nnUNetTrainerLandmark(nnUNetTrainer):
             segmentation_output, segmentation_target, full = [o[:, :c] for o in output], target[:-1], output[0]
         else:
             segmentation_output, segmentation_target, full = output[:, :c], target[0], output
-        network, loss_function = self.network, self.loss
-        self.network, self.loss = (lambda x: segmentation_output), (lambda o, t: loss)
-        try:
+        with nnunet_integration.precomputed_validation_outputs(self, segmentation_output, loss):
             result = super().validation_step({"data": data, "target": segmentation_target})
-        finally:
-            self.network, self.loss = network, loss_function
         result["heatmap_loss"] = heatmap_loss.cpu().numpy()
         result["landmark_errors_mm"] = self._patch_landmark_errors(full[:, c:], batch["landmarks_in_crop"])
         return result
@@ -221,6 +253,7 @@ class nnUNetTrainerLandmark(nnUNetTrainer):
 
     # ------------------------------------------------------------------------------------------ validation
     def perform_actual_validation(self, save_probabilities: bool = False):
+        self._record_position_prior()
         super().perform_actual_validation(save_probabilities)
         if self.local_rank == 0:
             self.write_landmark_validation_summary()
@@ -240,14 +273,24 @@ class nnUNetTrainerLandmark(nnUNetTrainer):
             per_case[case] = landmark_errors_mm(predicted, reference, self.landmark_names)
         if problems:
             raise RuntimeError("validation landmarks missing:\n  " + "\n  ".join(problems))
+        # the heatmap's own extremum, which the table keeps beside the estimate
+        extremum: dict = {}
+        for row in read_landmark_table(join(folder, LANDMARK_TABLE)):
+            if row["case"] in per_case and row.get("heatmap_x"):
+                point = [float(row[f"heatmap_{a}"]) for a in "xyz"]
+                reference = self.world_landmarks[row["case"]][self.landmark_names.index(row["name"])]
+                extremum.setdefault(row["name"], []).append(float(np.linalg.norm(np.subtract(point, reference))))
         summary = {"landmarks": list(self.landmark_names), "unit": "mm", "coordinate_system": "LPS",
                    "per_case": per_case,
-                   "per_landmark": {n: _summary([e[n] for e in per_case.values()]) for n in self.landmark_names}}
+                   "per_landmark": {n: _summary([e[n] for e in per_case.values()]) for n in self.landmark_names},
+                   "per_landmark_heatmap_extremum": {n: _summary(extremum.get(n, [])) for n in self.landmark_names}}
         save_json(summary, join(folder, LANDMARK_SUMMARY))
         for name, stats in summary["per_landmark"].items():
             self.logger.log_summary(f"final_val/landmark_{name}_error_mm", stats["mean"])
+            raw = summary["per_landmark_heatmap_extremum"][name]
             self.print_to_log_file(f"Mean validation error of landmark {name}: {stats['mean']:.2f} mm (median "
-                                   f"{stats['median']:.2f}, max {stats['max']:.2f}, n={stats['n']})",
+                                   f"{stats['median']:.2f}, max {stats['max']:.2f}, n={stats['n']}); heatmap "
+                                   f"extremum alone: " + (f"{raw['mean']:.2f} mm" if raw["n"] else "n/a"),
                                    also_print_to_console=True)
         return summary
 

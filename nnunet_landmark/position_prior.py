@@ -1,0 +1,240 @@
+"""Where a landmark can be, learned from the training cases: its position in the frame of a segmented structure.
+
+A landmark network predicts a heatmap per landmark and a segmentation. On a short budget the heatmap is blunt (its
+minimum lies 5-20 mm from the landmark) while the segmentation is good, and a landmark sits at a consistent place
+relative to the anatomy the network segments. This module learns that place and combines it with the heatmap:
+
+* **Frame of a structure** (one label, or all foreground labels together): its centroid, its principal axis (sign
+  fixed against a reference axis learned from the training cases), the roll about that axis fixed by a world (LPS)
+  axis, and its size (square root of the largest variance, mm). World axes, not array axes, so a scan whose direction
+  cosines flip an axis gives the same frame.
+* **Prior** (``PositionPrior.fit``, from the reference labels and landmarks of the training cases): for each landmark,
+  the mean and covariance of its frame coordinates (divided by the size), for the structure whose frame predicts it
+  best in leave-one-out over the training cases. Nothing is specific to a landmark or a label.
+* **Estimate** (``combine_with_heatmap``): the posterior mean of the prior (a Gaussian in world mm, from the frame of
+  the predicted segmentation) times the heatmap's likelihood ``exp(-d(x)^2 / (2 tau^2))``, ``d(x)`` the distance the
+  heatmap says ``x`` is from the landmark. The raw heatmap extremum is kept beside it in every output.
+
+Moments (count, mean, covariance) are accumulated slab by slab, so a full-size CT costs one pass and no full-volume
+float temporaries; they are computed in preprocessed voxels and mapped to world mm through the affine of
+``geometry.CaseGeometry``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Mapping, Sequence
+
+import numpy as np
+
+ALL_FOREGROUND = 0  # structure key: every foreground label together (0 is never a foreground label in nnU-Net)
+PRIOR_FLOOR_MM = 1.0  # added to the prior's standard deviation in every direction (squared): a degenerate
+# covariance from few training cases must not pin the estimate to one point
+HEATMAP_TAU_MM = 10.0  # width of the heatmap likelihood; measured best of 3, 5, 10, 20 mm (benchmarks/ACCURACY.md)
+MIN_CASES = 3
+SLAB_VOXELS = 1 << 20
+
+
+@dataclass(frozen=True)
+class Moments:
+    """Voxel count, centroid and covariance (world mm) of one structure."""
+
+    count: int
+    mean: np.ndarray
+    cov: np.ndarray
+
+
+def affine_of(to_world: Callable[[np.ndarray], np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """(A, b) with ``to_world(q) == A @ q + b`` for an affine map given as a function of (N, 3) points."""
+    basis = np.vstack([np.zeros(3), np.eye(3)])
+    mapped = np.asarray(to_world(basis), dtype=np.float64)
+    return (mapped[1:] - mapped[0]).T, mapped[0]
+
+
+def structure_moments(labels, affine: tuple[np.ndarray, np.ndarray], slab_voxels: int = SLAB_VOXELS,
+                      to_labels: Callable[[np.ndarray], np.ndarray] | None = None) -> dict[int, Moments]:
+    """Moments of every foreground label (> 0) and of all of them together (``ALL_FOREGROUND``), world mm.
+
+    ``labels``: a (Z, Y, X) or (1, Z, Y, X) label array in preprocessed voxels (numpy, or anything sliced like one,
+    e.g. nnU-Net's blosc2 arrays), or (C, Z, Y, X) that ``to_labels`` turns into labels slab by slab (segmentation
+    logits). ``affine``: (A, b), preprocessed index -> world mm.
+    """
+    shape = labels.shape[-3:]
+    rows = max(1, slab_voxels // max(1, int(np.prod(shape[1:]))))
+    sums: dict[int, list] = {}
+    for start in range(0, shape[0], rows):
+        if len(labels.shape) == 4:
+            slab = labels[:, start:start + rows]
+            slab = to_labels(slab) if to_labels is not None else slab[0]
+        else:
+            slab = labels[start:start + rows]
+        slab = np.asarray(slab)
+        for value in np.unique(slab):
+            if value <= 0:
+                continue
+            z, y, x = np.nonzero(slab == value)
+            points = np.stack([z.astype(np.float64) + start, y.astype(np.float64), x.astype(np.float64)], axis=1)
+            for key in (int(value), ALL_FOREGROUND):
+                entry = sums.setdefault(key, [0, np.zeros(3), np.zeros((3, 3))])
+                entry[0] += len(points)
+                entry[1] += points.sum(axis=0)
+                entry[2] += points.T @ points
+    a, b = affine
+    out = {}
+    for key, (n, s, ss) in sums.items():
+        mean = s / n
+        cov = ss / n - np.outer(mean, mean)
+        out[key] = Moments(int(n), a @ mean + b, a @ cov @ a.T)
+    return out
+
+
+def _principal(cov: np.ndarray) -> tuple[np.ndarray, float]:
+    values, vectors = np.linalg.eigh(cov)
+    return vectors[:, -1], float(np.sqrt(max(values[-1], 0.0)))
+
+
+def structure_frame(moments: Moments, reference_axis: np.ndarray, roll_axis: np.ndarray
+                    ) -> tuple[np.ndarray, np.ndarray, float]:
+    """(centre, rotation R (columns: frame axes in world), size mm) of a structure."""
+    e1, size = _principal(moments.cov)
+    if e1 @ reference_axis < 0:
+        e1 = -e1
+    e2 = roll_axis - (roll_axis @ e1) * e1
+    e2 /= np.linalg.norm(e2)
+    return moments.mean, np.stack([e1, e2, np.cross(e1, e2)], axis=1), max(size, 1e-6)
+
+
+@dataclass(frozen=True)
+class LandmarkPrior:
+    """One landmark's position in the frame of one structure (frame coordinates / size)."""
+
+    structure: int
+    reference_axis: np.ndarray
+    roll_axis: np.ndarray
+    mean: np.ndarray
+    cov: np.ndarray
+    loo_rms_mm: float
+    cases: int
+
+    def predict(self, moments: Mapping[int, Moments]) -> tuple[np.ndarray, np.ndarray] | None:
+        """(mean, covariance) in world mm, or None when the structure is absent."""
+        m = moments.get(self.structure)
+        if m is None or m.count < 4:
+            return None
+        centre, rotation, size = structure_frame(m, self.reference_axis, self.roll_axis)
+        return centre + size * rotation @ self.mean, size * size * rotation @ self.cov @ rotation.T
+
+    def to_dict(self) -> dict:
+        return {"structure": self.structure, "reference_axis": self.reference_axis.tolist(),
+                "roll_axis": self.roll_axis.tolist(), "mean": self.mean.tolist(), "cov": self.cov.tolist(),
+                "loo_rms_mm": self.loo_rms_mm, "cases": self.cases}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "LandmarkPrior":
+        return cls(int(d["structure"]), np.asarray(d["reference_axis"], float), np.asarray(d["roll_axis"], float),
+                   np.asarray(d["mean"], float), np.asarray(d["cov"], float), float(d["loo_rms_mm"]), int(d["cases"]))
+
+
+def _fit_structure(frames: list, points: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
+    """(mean, cov, leave-one-out RMS mm) of frame coordinates for one landmark and one structure."""
+    q = np.stack([rotation.T @ (p - centre) / size for (centre, rotation, size), p in zip(frames, points)])
+    n = len(q)
+    errors = []
+    for i, (centre, rotation, size) in enumerate(frames):
+        others = (q.sum(axis=0) - q[i]) / (n - 1)
+        errors.append(np.linalg.norm(centre + size * rotation @ others - points[i]))
+    return q.mean(axis=0), np.cov(q.T), float(np.sqrt(np.mean(np.square(errors))))
+
+
+def _reference_axes(moments: Sequence[Moments]) -> tuple[np.ndarray, np.ndarray]:
+    axes = [_principal(m.cov)[0] for m in moments]
+    aligned = [a if a @ axes[0] >= 0 else -a for a in axes]
+    reference = np.mean(aligned, axis=0)
+    reference /= np.linalg.norm(reference)
+    return reference, np.eye(3)[int(np.argmin(np.abs(reference)))]
+
+
+@dataclass(frozen=True)
+class PositionPrior:
+    landmarks: dict  # name -> LandmarkPrior
+
+    @classmethod
+    def fit(cls, cases: Sequence[tuple[Mapping[int, Moments], np.ndarray]], names: Sequence[str]
+            ) -> "PositionPrior | None":
+        """From training cases given as (structure moments, (K, 3) world landmarks); None with fewer than
+        ``MIN_CASES`` cases. Per landmark, the structure with the smallest leave-one-out error is kept."""
+        if len(cases) < MIN_CASES:
+            return None
+        structures = sorted(set.intersection(*[set(k for k, m in c.items() if m.count >= 4) for c, _ in cases]))
+        landmarks = {}
+        for k, name in enumerate(names):
+            points = np.stack([np.asarray(p, dtype=np.float64)[k] for _, p in cases])
+            best = None
+            for s in structures:
+                moments = [c[s] for c, _ in cases]
+                reference, roll = _reference_axes(moments)
+                frames = [structure_frame(m, reference, roll) for m in moments]
+                mean, cov, loo = _fit_structure(frames, points)
+                if best is None or loo < best.loo_rms_mm:
+                    best = LandmarkPrior(s, reference, roll, mean, cov, loo, len(cases))
+            if best is not None:
+                landmarks[name] = best
+        return cls(landmarks) if landmarks else None
+
+    def to_dict(self) -> dict:
+        return {name: p.to_dict() for name, p in self.landmarks.items()}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "PositionPrior":
+        return cls({name: LandmarkPrior.from_dict(p) for name, p in d.items()})
+
+
+def pooled_prediction(priors: Sequence[PositionPrior], name: str, moments: Mapping[int, Moments]
+                      ) -> tuple[np.ndarray, np.ndarray] | None:
+    """The average (mean, covariance) of every prior (e.g. one per trained fold) for ``name``; None if none applies."""
+    predictions = [p.landmarks[name].predict(moments) for p in priors if name in p.landmarks]
+    predictions = [p for p in predictions if p is not None]
+    if not predictions:
+        return None
+    return np.mean([m for m, _ in predictions], axis=0), np.mean([c for _, c in predictions], axis=0)
+
+
+def combine_with_heatmap(heatmap, encoding, valid, affine: tuple[np.ndarray, np.ndarray], prior_mean: np.ndarray,
+                         prior_cov: np.ndarray, already_sigmoid: bool = False, tau_mm: float = HEATMAP_TAU_MM,
+                         extent_sd: float = 4.0) -> np.ndarray | None:
+    """Posterior mean (preprocessed voxel index) of prior x heatmap likelihood over the box that holds the prior's
+    ``extent_sd`` ellipsoid; None when that box misses the image or holds no reliable voxel.
+
+    ``heatmap``: (Z, Y, X) values or logits in preprocessed voxels; ``valid``: the reliable region (as for
+    ``heatmap.decode_heatmap``); ``affine``: preprocessed index -> world mm.
+    """
+    a, b = affine
+    cov = prior_cov + PRIOR_FLOOR_MM ** 2 * np.eye(3)
+    a_inv = np.linalg.inv(a)
+    centre = a_inv @ (prior_mean - b)
+    # half-extent of the ellipsoid along each preprocessed axis: sqrt of the diagonal of the index-space covariance
+    half = extent_sd * np.sqrt(np.diag(a_inv @ cov @ a_inv.T))
+    shape = np.asarray(heatmap.shape)
+    lo = np.maximum(np.floor(centre - half).astype(int), 0)
+    hi = np.minimum(np.ceil(centre + half).astype(int) + 1, shape)
+    if np.any(hi <= lo):
+        return None
+    box = tuple(slice(int(l), int(h)) for l, h in zip(lo, hi))
+    values = np.asarray(heatmap[box], dtype=np.float64)
+    if not already_sigmoid:
+        values = 1.0 / (1.0 + np.exp(-values))
+    from nnunet_landmark.heatmap import _valid_at
+
+    keep = np.isfinite(values) if valid is None else np.isfinite(values) & _valid_at(valid, heatmap.shape, box)
+    if not keep.any():
+        return None
+    index = np.stack(np.meshgrid(*[np.arange(l, h, dtype=np.float64) for l, h in zip(lo, hi)], indexing="ij"), -1)
+    index = index[keep]
+    world = index @ a.T + b
+    diff = world - prior_mean
+    cost = np.einsum("ij,jk,ik->i", diff, np.linalg.inv(cov), diff)
+    distance = encoding.decode_distance(values[keep])
+    if encoding.kind != "log_distance":  # a Gaussian heatmap says little far from its peak: its tail is flat
+        distance = np.minimum(distance, 3 * encoding.sigma_mm)
+    cost = cost + (distance / tau_mm) ** 2
+    weights = np.exp(-0.5 * (cost - cost.min()))
+    return (index * weights[:, None]).sum(axis=0) / weights.sum()

@@ -1,0 +1,154 @@
+"""Landmark position prior: moments, frames, fitting and the combination with a heatmap."""
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from nnunet_landmark.geometry import ImageGeometry
+from nnunet_landmark.heatmap import HeatmapEncoding, render_heatmaps
+from nnunet_landmark.position_prior import (ALL_FOREGROUND, PositionPrior, affine_of, combine_with_heatmap,
+                                            pooled_prediction, structure_moments)
+
+
+def rotation(rng, max_degrees):
+    axis = rng.normal(size=3)
+    axis /= np.linalg.norm(axis)
+    angle = np.deg2rad(rng.uniform(-max_degrees, max_degrees))
+    k = np.array([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]])
+    return np.eye(3) + np.sin(angle) * k + (1 - np.cos(angle)) * k @ k
+
+
+def ellipsoid_case(rng, shape=(40, 48, 44), spacing=(2.0, 1.5, 1.5)):
+    """A label image (1: elongated ellipsoid, 2: a small ball elsewhere) with a random pose, and two landmarks fixed
+    in the ellipsoid's frame: its tip along the long axis, and a point off its side."""
+    radii = np.array([22.0, 11.0, 9.0]) * rng.uniform(0.85, 1.15)
+    r = rotation(rng, 20)
+    centre = np.array([0.0, 0.0, 0.0]) + rng.uniform(-8, 8, 3)
+    geometry = ImageGeometry(spacing=tuple(spacing[::-1]), origin=(-33.0, -36.0, -40.0), direction=tuple(np.eye(3).ravel()),
+                             size=tuple(shape[::-1]))
+    index = np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij"), -1).reshape(-1, 3).astype(float)
+    world = geometry.array_index_to_world(index)
+    local = (world - centre) @ r
+    inside = np.sum((local / radii) ** 2, axis=1) <= 1
+    labels = inside.astype(np.uint8)
+    ball = rng.uniform(-20, 20, 3)
+    labels[np.linalg.norm(world - ball, axis=1) < 5] = 2
+    landmarks = np.stack([centre + r @ np.array([radii[0], 0, 0]), centre + r @ np.array([-0.5 * radii[0], radii[1], 0])])
+    return labels.reshape(shape), geometry, landmarks
+
+
+def test_moments_slab_by_slab_equal_the_whole_volume_and_logits_give_the_same():
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 3, size=(9, 7, 5))
+    a = rng.normal(size=(3, 3))
+    b = rng.normal(size=3)
+    whole = structure_moments(labels, (a, b), slab_voxels=10 ** 9)
+    slabs = structure_moments(labels, (a, b), slab_voxels=35)  # one row of 7 x 5 at a time
+    logits = np.stack([(labels == c).astype(np.float32) for c in range(3)])
+    from_logits = structure_moments(logits, (a, b), slab_voxels=70, to_labels=lambda s: np.argmax(s, axis=0))
+    for key in (1, 2, ALL_FOREGROUND):
+        index = np.argwhere(labels > 0 if key == ALL_FOREGROUND else labels == key).astype(float)
+        world = index @ a.T + b
+        for m in (whole[key], slabs[key], from_logits[key]):
+            assert m.count == len(index)
+            np.testing.assert_allclose(m.mean, world.mean(axis=0), rtol=1e-10, atol=1e-10)
+            np.testing.assert_allclose(m.cov, np.cov(world.T, bias=True), rtol=1e-9, atol=1e-9)
+    assert 0 not in whole or whole[0].count == np.count_nonzero(labels)
+
+
+def test_affine_of_reproduces_the_geometry():
+    geometry = ImageGeometry(spacing=(0.7, 0.8, 2.5), origin=(10.0, -4.0, 3.0),
+                             direction=tuple(np.diag([-1.0, 1.0, -1.0]).ravel()), size=(10, 11, 12))
+    a, b = affine_of(geometry.array_index_to_world)
+    points = np.random.default_rng(1).uniform(0, 10, (20, 3))
+    np.testing.assert_allclose(points @ a.T + b, geometry.array_index_to_world(points), atol=1e-10)
+
+
+def _moments(labels, geometry):
+    return structure_moments(labels, affine_of(geometry.array_index_to_world))
+
+
+def test_fit_learns_the_landmarks_in_the_frame_and_picks_the_informative_structure():
+    rng = np.random.default_rng(2)
+    cases = [ellipsoid_case(rng) for _ in range(12)]
+    prior = PositionPrior.fit([(_moments(l, g), p) for l, g, p in cases[:10]], ["tip", "side"])
+    for name in ("tip", "side"):
+        # label 1 (and all foreground, which is nearly label 1) carries the frame; the random ball does not
+        assert prior.landmarks[name].structure in (1, ALL_FOREGROUND)
+        assert prior.landmarks[name].loo_rms_mm < 1.5
+    for labels, geometry, truth in cases[10:]:
+        moments = _moments(labels, geometry)
+        for k, name in enumerate(("tip", "side")):
+            mean, cov = pooled_prediction([prior], name, moments)
+            assert np.linalg.norm(mean - truth[k]) < 2.0, name  # voxels 1.5-2 mm
+            assert np.all(np.linalg.eigvalsh(cov) >= -1e-9)
+    # the landmark in the frame of the ball alone is unpredictable: its own leave-one-out error shows it
+    only_ball = PositionPrior.fit([({2: _moments(l, g)[2]}, p) for l, g, p in cases[:10]], ["tip", "side"])
+    assert only_ball.landmarks["tip"].loo_rms_mm > 5 * prior.landmarks["tip"].loo_rms_mm
+
+
+def test_a_flipped_direction_gives_the_same_world_frame_and_prediction():
+    rng = np.random.default_rng(3)
+    cases = [ellipsoid_case(rng) for _ in range(6)]
+    prior = PositionPrior.fit([(_moments(l, g), p) for l, g, p in cases], ["tip", "side"])
+    labels, geometry, truth = ellipsoid_case(np.random.default_rng(30))
+    image = sitk.GetImageFromArray(labels)
+    geometry.apply_to(image)
+    flipped = sitk.Flip(image, [True, False, True])  # same voxels in space, axes reversed in the array
+    g2 = ImageGeometry.from_image(flipped)
+    assert not np.allclose(g2.direction_matrix, geometry.direction_matrix)
+    first = _moments(labels, geometry)
+    second = _moments(sitk.GetArrayFromImage(flipped), g2)
+    for name in ("tip", "side"):
+        a, _ = pooled_prediction([prior], name, first)
+        b, _ = pooled_prediction([prior], name, second)
+        np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def test_serialisation_round_trip_is_exact():
+    rng = np.random.default_rng(4)
+    cases = [ellipsoid_case(rng) for _ in range(4)]
+    prior = PositionPrior.fit([(_moments(l, g), p) for l, g, p in cases], ["tip", "side"])
+    import json
+    again = PositionPrior.from_dict(json.loads(json.dumps(prior.to_dict())))
+    moments = _moments(*cases[0][:2])
+    for name in ("tip", "side"):
+        for x, y in zip(pooled_prediction([prior], name, moments), pooled_prediction([again], name, moments)):
+            np.testing.assert_array_equal(x, y)
+    assert PositionPrior.fit([(_moments(l, g), p) for l, g, p in cases[:2]], ["tip", "side"]) is None
+
+
+def test_combination_follows_the_prior_for_a_flat_heatmap_and_the_heatmap_where_it_is_sharp():
+    encoding = HeatmapEncoding(max_distance_mm=100.0, scale_mm=20.0)
+    shape, spacing = (40, 40, 40), np.array([2.0, 2.0, 2.0])
+    affine = (np.diag(spacing), np.zeros(3))
+    prior_mean, prior_cov = np.array([40.0, 40.0, 40.0]), np.eye(3) * 16.0  # voxel (20, 20, 20), 4 mm sd
+    flat = np.zeros(shape, np.float32)  # logit 0 everywhere
+    q = combine_with_heatmap(flat, encoding, None, affine, prior_mean, prior_cov)
+    np.testing.assert_allclose(q, [20, 20, 20], atol=1e-6)
+    # a sharp heatmap 6 mm from the prior's mean pulls the estimate most of the way with a narrow likelihood
+    truth = np.array([23.0, 20.0, 20.0])
+    h = np.clip(render_heatmaps(shape, truth[None], spacing, encoding)[0], 1e-4, 1 - 1e-4)
+    logits = np.log(h / (1 - h))
+    near = combine_with_heatmap(logits, encoding, None, affine, prior_mean, prior_cov, tau_mm=1.0)
+    far = combine_with_heatmap(logits, encoding, None, affine, prior_mean, prior_cov, tau_mm=1e6)
+    assert np.linalg.norm(near - truth) < 0.6
+    assert np.linalg.norm(far - [20, 20, 20]) < 0.2
+    # reliability mask: excluded voxels do not count
+    mask = np.ones(shape, bool)
+    mask[22:, :, :] = False
+    masked = combine_with_heatmap(logits, encoding, mask, affine, prior_mean, prior_cov, tau_mm=1.0)
+    assert masked[0] < 21.6
+    # a prior outside the image gives nothing to combine
+    assert combine_with_heatmap(flat, encoding, None, affine, np.array([500.0, 0, 0]), prior_cov) is None
+
+
+def test_pooling_averages_folds_and_skips_missing_structures():
+    rng = np.random.default_rng(5)
+    cases = [ellipsoid_case(rng) for _ in range(8)]
+    first = PositionPrior.fit([(_moments(l, g), p) for l, g, p in cases[:4]], ["tip", "side"])
+    second = PositionPrior.fit([(_moments(l, g), p) for l, g, p in cases[4:]], ["tip", "side"])
+    moments = _moments(*cases[0][:2])
+    a, b = (pooled_prediction([p], "tip", moments)[0] for p in (first, second))
+    np.testing.assert_allclose(pooled_prediction([first, second], "tip", moments)[0], (a + b) / 2, atol=1e-12)
+    assert pooled_prediction([first], "tip", {}) is None
+    assert pooled_prediction([first], "unknown", moments) is None
