@@ -85,9 +85,10 @@ def evaluate_test_set(prediction_folder: Path, test_root: Path, truth: dict, tra
     import SimpleITK as sitk
 
     from nnunet_landmark.baselines import MeanPositionBaseline, apex_from_segmentation
+    from nnunet_landmark.evaluation.baselines import base_from_segmentation
     from nnunet_landmark.evaluation.metrics import dice, landmark_errors_mm
     from nnunet_landmark.geometry import ImageGeometry
-    from nnunet_landmark.landmark_files import read_markups
+    from nnunet_landmark.landmark_files import read_landmark_table, read_markups
 
     mean_position = MeanPositionBaseline().fit(train_geometries)
     rows = []
@@ -98,10 +99,17 @@ def evaluate_test_set(prediction_folder: Path, test_root: Path, truth: dict, tra
         row = {"case": case, "dice": dice(reference == LV_CAVITY, predicted == 1),
                "error_tip_mm": float(np.linalg.norm(apex_from_segmentation(predicted, geometry, 1) - landmarks["apex"])),
                "error_mean_position_mm": float(np.linalg.norm(mean_position.predict(geometry) - landmarks["apex"]))}
+        # the best rules on the predicted LV: its tip for the apex, the centre of its base for the valves
+        base = base_from_segmentation(predicted, geometry, 1)
+        row["rule_errors_mm"] = {name: row["error_tip_mm"] if name == "apex" else
+                                 float(np.linalg.norm(base - landmarks[name])) for name in LANDMARKS}
         markups = prediction_folder / f"{case}.mrk.json"
         if markups.exists():
             row["landmark_errors_mm"] = landmark_errors_mm(read_markups(markups), landmarks, LANDMARKS)
             row["error_model_mm"] = row["landmark_errors_mm"]["apex"]
+            extrema = {r["name"]: [float(r[f"heatmap_{a}"]) for a in "xyz"]
+                       for r in read_landmark_table(prediction_folder / "landmarks.csv") if r["case"] == case}
+            row["heatmap_extremum_errors_mm"] = landmark_errors_mm(extrema, landmarks, LANDMARKS)
         rows.append(row)
     return rows
 
@@ -114,26 +122,35 @@ def test_set_markdown(landmark_rows: list[dict], plain_rows: list[dict]) -> str:
     lines = ["| | mean ± SD (median, max) |", "|---|---|",
              f"| LV Dice, landmark model | {stats([r['dice'] for r in landmark_rows])} |",
              f"| LV Dice, plain nnU-Net | {stats([r['dice'] for r in plain_rows])} |",
-             f"| apex error (mm), landmark model heatmap | {stats([r['error_model_mm'] for r in landmark_rows])} |",
+             f"| apex error (mm), landmark model (what nnUNetv2_predict writes) | "
+             f"{stats([r['error_model_mm'] for r in landmark_rows])} |",
+             f"| apex error (mm), landmark model's heatmap extremum alone | "
+             f"{stats([r['heatmap_extremum_errors_mm']['apex'] for r in landmark_rows])} |",
              f"| apex error (mm), geometric tip of the landmark model's LV | "
              f"{stats([r['error_tip_mm'] for r in landmark_rows])} |",
              f"| apex error (mm), geometric tip of plain nnU-Net's LV | {stats([r['error_tip_mm'] for r in plain_rows])} |",
              f"| apex error (mm), mean position of the training apices | "
              f"{stats([r['error_mean_position_mm'] for r in landmark_rows])} |", "",
-             "| case | Dice landmark | Dice plain | apex error model (mm) | tip (landmark LV) | tip (plain LV) | "
-             "mean position |", "|---|---|---|---|---|---|---|"]
+             "| case | Dice landmark | Dice plain | apex error model (mm) | heatmap extremum | tip (landmark LV) | "
+             "tip (plain LV) | mean position |", "|---|---|---|---|---|---|---|---|"]
     for a, b in zip(landmark_rows, plain_rows):
         lines.append(f"| {a['case']} | {a['dice']:.3f} | {b['dice']:.3f} | {a['error_model_mm']:.2f} | "
-                     f"{a['error_tip_mm']:.2f} | {b['error_tip_mm']:.2f} | {a['error_mean_position_mm']:.2f} |")
+                     f"{a['heatmap_extremum_errors_mm']['apex']:.2f} | {a['error_tip_mm']:.2f} | "
+                     f"{b['error_tip_mm']:.2f} | {a['error_mean_position_mm']:.2f} |")
     return "\n".join(lines) + "\n"
 
 
 def landmark_errors_markdown(landmark_rows: list[dict]) -> str:
-    """The landmark model's error per landmark on the unseen phantoms: mean / median / max (mm)."""
-    lines = ["| landmark | error (mm) mean | median | max |", "|---|---|---|---|"]
+    """The landmark model's error per landmark on the unseen phantoms (mean / median / max, mm), beside its heatmap
+    extremum alone and the best rule on its predicted LV (the tip for the apex, the base centre for the valves)."""
+    lines = ["| landmark | error (mm) mean | median | max | heatmap extremum mean | max | rule on the LV mean | max |",
+             "|---|---|---|---|---|---|---|---|"]
     for name in LANDMARKS:
         errors = np.asarray([r["landmark_errors_mm"][name] for r in landmark_rows], dtype=float)
-        lines.append(f"| {name} | {errors.mean():.2f} | {np.median(errors):.2f} | {errors.max():.2f} |")
+        extremum = np.asarray([r["heatmap_extremum_errors_mm"][name] for r in landmark_rows], dtype=float)
+        rule = np.asarray([r["rule_errors_mm"][name] for r in landmark_rows], dtype=float)
+        lines.append(f"| {name} | {errors.mean():.2f} | {np.median(errors):.2f} | {errors.max():.2f} | "
+                     f"{extremum.mean():.2f} | {extremum.max():.2f} | {rule.mean():.2f} | {rule.max():.2f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -367,7 +384,10 @@ def main(argv: list[str] | None = None) -> None:
              f"total time {time.time() - step.start:.0f} s.\n\n"
              f"## Unseen test set ({len(truth)} phantoms, `nnUNetv2_predict`)\n\n"
              + test_set_markdown(test_rows[landmark_trainer], test_rows[plain_trainer]) + "\n"
-             + "Every landmark of the landmark model on the unseen phantoms:\n\n"
+             + "Every landmark of the landmark model on the unseen phantoms: what `nnUNetv2_predict` writes (the "
+               "position prior in the frame of the predicted LV, combined with the heatmap), the heatmap's extremum "
+               "alone (kept in `landmarks.csv`), and the best rule on the model's predicted LV (its tip for the apex, "
+               "the centre of its base for the valves):\n\n"
              + landmark_errors_markdown(test_rows[landmark_trainer]) + "\n"
              + f"## Alignment of the unseen phantoms\n\nEach phantom's three predicted landmarks ({', '.join(LANDMARKS)}) "
                f"are aligned rigidly (`nnunet_landmark.alignment`, SimpleITK `VersorRigid3DTransform`) to the true "

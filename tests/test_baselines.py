@@ -171,3 +171,22 @@ def test_old_import_path_is_the_same_code():
     for name in ("MeanPositionBaseline", "apex_from_segmentation", "fit_mean_positions", "BaselineError",
                  "leave_one_out_errors", "image_centre"):
         assert getattr(old, name) is getattr(new, name)
+
+
+def test_base_centre_is_the_middle_of_the_flat_end_and_the_apex_the_other_end():
+    """A half-ellipsoid cut flat at x = 0 (semi-axes 30, 12, 10 mm, 1 mm voxels): the base rule returns the centre of
+    the cut disc, the tip rule the far end, each within a voxel."""
+    from nnunet_landmark.evaluation.baselines import apex_from_segmentation, base_from_segmentation
+
+    shape = (40, 40, 50)  # z, y, x
+    geometry = ImageGeometry(origin=(-5.0, -20.0, -20.0), spacing=(1.0, 1.0, 1.0), direction=tuple(np.eye(3).ravel()),
+                             size=shape[::-1])
+    index = np.argwhere(np.ones(shape, bool)).astype(float)
+    world = geometry.array_index_to_world(index)
+    x, y, z = world.T
+    mask = ((x / 30) ** 2 + (y / 12) ** 2 + (z / 10) ** 2 <= 1) & (x >= 0)
+    labels = mask.reshape(shape).astype(np.uint8)
+    base = base_from_segmentation(labels, geometry, 1)
+    apex = apex_from_segmentation(labels, geometry, 1)
+    assert np.linalg.norm(base - [-0.5, 0, 0]) < 1.0, base  # the flat face's boundary is half a voxel before x = 0
+    assert np.linalg.norm(apex - [30.0, 0, 0]) < 1.0, apex

@@ -20,7 +20,7 @@ import SimpleITK as sitk
 from conftest import run_cli
 from nnunet_landmark.demo import FIXED_COLOUR, LANDMARKS, MAX_ROTATION_DEGREES, MAX_TRANSLATION_MM, MOVED_COLOUR
 from nnunet_landmark.evaluation.metrics import dice
-from nnunet_landmark.landmark_files import read_landmark_csv, read_markups
+from nnunet_landmark.landmark_files import read_landmark_csv, read_landmark_table, read_markups
 
 pytestmark = pytest.mark.slow
 
@@ -84,7 +84,7 @@ def test_demo_runs_the_whole_workflow_and_reports_finite_numbers(tmp_path):
     assert "## Cross-validation fold: headline" in text
     table = text[text.index("## Unseen test set"):text.index("## Alignment of the unseen phantoms")]
     summary_rows = [line for line in table.splitlines() if line.startswith("| LV Dice") or line.startswith("| apex error")]
-    assert len(summary_rows) == 6, table
+    assert len(summary_rows) == 7, table
     for line in summary_rows:
         values = [float(v) for v in re.findall(NUMBER, line.split("|")[2])]
         assert len(values) == 4 and all(math.isfinite(v) for v in values), line  # mean, SD, median, max
@@ -92,16 +92,22 @@ def test_demo_runs_the_whole_workflow_and_reports_finite_numbers(tmp_path):
     assert [line.split("|")[1].strip() for line in case_rows] == list(truth)
     for line in case_rows:
         values = [float(v) for cell in line.split("|")[2:-1] for v in re.findall(NUMBER, cell)]
-        assert len(values) == 6 and all(math.isfinite(v) for v in values), line
+        assert len(values) == 7 and all(math.isfinite(v) for v in values), line
     # every landmark's error: mean / median / max over the unseen phantoms, from the prediction files
     errors = {name: [float(np.linalg.norm(read_markups(out / f"predictions_{LANDMARK_TRAINER}" / f"{case}.mrk.json")[name]
                                           - truth[case][name])) for case in truth] for name in LANDMARKS}
+    # the heatmap extremum alone, from the table's heatmap_x/y/z columns
+    table_rows = read_landmark_table(out / f"predictions_{LANDMARK_TRAINER}" / "landmarks.csv")
+    extremum = {name: [float(np.linalg.norm(np.array([float(r[f"heatmap_{a}"]) for a in "xyz"]) - truth[r["case"]][name]))
+                       for r in table_rows if r["name"] == name] for name in LANDMARKS}
     for name in LANDMARKS:
         landmark_rows_md = [line for line in table.splitlines() if line.startswith(f"| {name} |")]
         assert len(landmark_rows_md) == 1, table
         values = [float(v) for cell in landmark_rows_md[0].split("|")[2:-1] for v in re.findall(NUMBER, cell)]
-        assert values == pytest.approx([np.mean(errors[name]), np.median(errors[name]), np.max(errors[name])],
-                                       abs=6e-3), (name, landmark_rows_md[0])
+        assert values[:3] == pytest.approx([np.mean(errors[name]), np.median(errors[name]), np.max(errors[name])],
+                                           abs=6e-3), (name, landmark_rows_md[0])
+        assert values[3:5] == pytest.approx([np.mean(extremum[name]), np.max(extremum[name])], abs=6e-3)
+        assert len(values) == 7 and all(math.isfinite(v) for v in values[5:])
 
     # alignment: per case and overall, TRE from the predicted landmarks finite, from the true ones ~0
     alignment = json.loads((out / "report" / "alignment.json").read_text())

@@ -1,9 +1,10 @@
-"""Two landmark baselines a landmark network has to beat.
+"""Landmark baselines a landmark network has to beat.
 
 * **Geometric tip** (``apex_from_segmentation``): segment, then take the tapered end of the LV. The
   largest connected component of the LV label, its long axis by PCA of the voxel centres in world mm,
   the tapered end (the end whose last quarter of the length holds fewer voxels: the LV base is cut
   flat by the valve plane, the apex narrows), and there the extreme point of the mask along the axis.
+* **Base centre** (``base_from_segmentation``): the same on the other, wide end (for the LV: the valve plane).
 * **Mean position** (``MeanPositionBaseline``): the landmark's mean offset from the image centre over
   training cases. World origins differ arbitrarily between scans, so raw world coordinates are never
   averaged; offsets from the image centre are. ``fit_mean_positions`` fits one per landmark on a raw
@@ -58,8 +59,10 @@ def voxel_extent_along(geometry: ImageGeometry, axis: np.ndarray) -> float:
 
 
 def apex_from_segmentation(label_array_zyx: np.ndarray, geometry: ImageGeometry, label: int = 1,
-                           method: TipMethod = "extreme_cap", end_fraction: float = 0.25) -> np.ndarray:
-    """The tapered end of a label's largest component (e.g. the LV apex), world LPS mm.
+                           method: TipMethod = "extreme_cap", end_fraction: float = 0.25,
+                           end: Literal["tapered", "wide"] = "tapered") -> np.ndarray:
+    """The tapered end of a label's largest component (e.g. the LV apex), world LPS mm; with ``end="wide"``
+    the other end instead (``base_from_segmentation``).
 
     ``method``:
 
@@ -88,6 +91,8 @@ def apex_from_segmentation(label_array_zyx: np.ndarray, geometry: ImageGeometry,
     near_high = np.count_nonzero(t >= t.max() - end_fraction * length)
     if near_low < near_high:  # the low end tapers: flip so that the tapered end is at +t
         axis, t = -axis, -t
+    if end == "wide":
+        axis, t = -axis, -t
     half_voxel = 0.5 * voxel_extent_along(geometry, axis)
     if method == "farthest_voxel":
         return points[int(np.argmax(t))]
@@ -97,6 +102,12 @@ def apex_from_segmentation(label_array_zyx: np.ndarray, geometry: ImageGeometry,
     cap_centre = points[cap].mean(axis=0)
     along = (cap_centre - centroid) @ axis
     return cap_centre + (t.max() + half_voxel - along) * axis
+
+
+def base_from_segmentation(label_array_zyx: np.ndarray, geometry: ImageGeometry, label: int = 1) -> np.ndarray:
+    """The centre of the wide, flat end of a label's largest component (for the LV: the centre of its base, where
+    the valves are), world LPS mm: the rule a valve estimate from an LV-only segmentation has to beat."""
+    return apex_from_segmentation(label_array_zyx, geometry, label, end="wide")
 
 
 def image_centre(geometry: ImageGeometry) -> np.ndarray:
