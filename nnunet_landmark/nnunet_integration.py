@@ -24,6 +24,13 @@ models run nnU-Net's code unchanged:
    records the settings on it (``record_sliding_window``) and the export reads them back
    (``sliding_window_settings``; nnU-Net's defaults 0.5 / Gaussian where nothing was recorded).
 
+6. ``nnUNetTrainer.validation_step`` runs ``self.network(data)`` and ``self.loss(output, target)``; the landmark
+   trainer computes both once on all C + K channels and hands nnU-Net's step the segmentation part
+   (``precomputed_validation_outputs``).
+7. Mirroring: ``configure_rotation_dummyDA_mirroring_and_inital_patch_size`` returns the mirror axes last (the
+   training augmentation) and sets ``inference_allowed_mirroring_axes`` (test-time mirroring of the final
+   validation's predictor); the CPU budgets turn them off there (``without_validation_mirroring``).
+
 ``install()`` runs when the landmark trainer module is imported, which nnU-Net does itself when it
 resolves ``-tr nnUNetTrainerLandmark`` (for training and for prediction) before any of the patched
 code runs. ``check_internals()`` fails loudly, naming what moved, if nnU-Net changed underneath us.
@@ -177,6 +184,18 @@ def check_internals() -> None:
     if not (0 <= loop.find("self.get_bbox(") < loop.find(transforms_call)):
         problems.append("nnUNetDataLoader.generate_train_batch no longer calls get_bbox and then "
                         "self.transforms(image=..., segmentation=...) per sample (the landmark loader hooks both)")
+    trainer_sources = {
+        "validation_step": ("self.network(data)", "self.loss(output, target)"),
+        "configure_rotation_dummyDA_mirroring_and_inital_patch_size": (
+            "self.inference_allowed_mirroring_axes = mirror_axes",
+            "return rotation_for_DA, do_dummy_2d_data_aug, initial_patch_size, mirror_axes"),
+        "perform_actual_validation": ("self.inference_allowed_mirroring_axes",),
+    }
+    for method, needles in trainer_sources.items():
+        source = inspect.getsource(getattr(trainer_module.nnUNetTrainer, method))
+        for needle in needles:
+            if needle not in source:
+                problems.append(f"nnUNetTrainer.{method} no longer contains {needle!r}")
     problems += _keypoint_convention_problems()
     if problems:
         raise RuntimeError("nnunet-landmark was checked against nnunetv2 " + NNUNET_VERSION_CHECKED +
@@ -257,6 +276,37 @@ def install() -> None:
     predict_from_raw_data.export_prediction_from_logits = export_prediction_with_landmarks
     trainer_module.export_prediction_from_logits = export_prediction_with_landmarks
     _installed = True
+
+
+@contextmanager
+def precomputed_validation_outputs(trainer, output, loss):
+    """While active, ``nnUNetTrainer.validation_step`` takes ``output`` for the network's output and ``loss`` for
+    the loss (it calls ``self.network(data)`` and ``self.loss(output, target)``), so the landmark trainer runs the
+    network once for all C + K channels and nnU-Net's step scores the C segmentation channels."""
+    network, loss_function = trainer.network, trainer.loss
+    trainer.network, trainer.loss = (lambda data: output), (lambda _output, _target: loss)
+    try:
+        yield
+    finally:
+        trainer.network, trainer.loss = network, loss_function
+
+
+@contextmanager
+def without_validation_mirroring(trainer):
+    """While active, the final validation's predictor does not mirror (nnU-Net reads
+    ``trainer.inference_allowed_mirroring_axes`` when it builds it in ``perform_actual_validation``)."""
+    axes, trainer.inference_allowed_mirroring_axes = trainer.inference_allowed_mirroring_axes, None
+    try:
+        yield
+    finally:
+        trainer.inference_allowed_mirroring_axes = axes
+
+
+def without_mirroring(configured: tuple) -> tuple:
+    """The result of ``configure_rotation_dummyDA_mirroring_and_inital_patch_size`` with no mirror axes (no
+    mirroring in the training augmentation)."""
+    rotation, dummy_2d, initial_patch_size, _ = configured
+    return rotation, dummy_2d, initial_patch_size, None
 
 
 @contextmanager

@@ -274,3 +274,37 @@ def test_nnunet_internals_are_as_checked():
     nnunet_integration.install()  # idempotent: no double wrapping
     wrapped = predict_from_raw_data.nnUNetPredictor.predict_sliding_window_return_logits
     assert not getattr(wrapped.__wrapped__, "_nnunet_landmark", False)
+
+
+@pytest.mark.parametrize("method, needle", [
+    ("validation_step", "self.loss(output, target)"),
+    ("configure_rotation_dummyDA_mirroring_and_inital_patch_size", "self.inference_allowed_mirroring_axes"),
+    ("perform_actual_validation", "self.inference_allowed_mirroring_axes"),
+])
+def test_check_internals_names_a_trainer_method_that_changed(monkeypatch, method, needle):
+    """The validation-step swap and the mirroring switches rely on these lines of nnUNetTrainer: an nnU-Net whose
+    method lacks them fails the check, naming the method."""
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+    def changed(self, *args, **kwargs):
+        return None
+
+    monkeypatch.setattr(nnUNetTrainer, method, changed)
+    with pytest.raises(RuntimeError, match=method):
+        nnunet_integration.check_internals()
+
+
+def test_validation_swaps_are_undone_even_on_errors():
+    class Trainer:
+        network, loss, inference_allowed_mirroring_axes = "network", "loss", (0, 1, 2)
+
+    trainer = Trainer()
+    with pytest.raises(ValueError):
+        with nnunet_integration.precomputed_validation_outputs(trainer, "output", 0.5):
+            assert trainer.network("data") == "output" and trainer.loss("o", "t") == 0.5
+            raise ValueError
+    assert (trainer.network, trainer.loss) == ("network", "loss")
+    with nnunet_integration.without_validation_mirroring(trainer):
+        assert trainer.inference_allowed_mirroring_axes is None
+    assert trainer.inference_allowed_mirroring_axes == (0, 1, 2)
+    assert nnunet_integration.without_mirroring(("r", False, (8, 8, 8), (0, 1, 2))) == ("r", False, (8, 8, 8), None)

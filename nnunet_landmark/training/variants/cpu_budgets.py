@@ -5,6 +5,7 @@ import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.training.nnUNetTrainer.variants.optimizer.nnUNetTrainerAdam import nnUNetTrainerVanillaAdam1en3
 
+from nnunet_landmark import nnunet_integration
 from nnunet_landmark.training.trainers import nnUNetTrainerLandmark
 from nnunet_landmark.training.variants.optimizer import (nnUNetTrainerLandmarkGaussianVanillaAdam1en3,
                                                          nnUNetTrainerLandmarkVanillaAdam1en3)
@@ -31,11 +32,8 @@ class CPUBudget:
         self.save_every = max(1, self.budget_epochs // 2)
 
     def perform_actual_validation(self, save_probabilities: bool = False):
-        axes, self.inference_allowed_mirroring_axes = self.inference_allowed_mirroring_axes, None
-        try:
+        with nnunet_integration.without_validation_mirroring(self):
             super().perform_actual_validation(save_probabilities)
-        finally:
-            self.inference_allowed_mirroring_axes = axes
 
 
 class nnUNetTrainerLandmark_cpu_smoke(CPUBudget, nnUNetTrainerLandmark):
@@ -59,9 +57,9 @@ class CPULearningBudget(CPUBudget):
     budget_val_iterations = 4
 
     def configure_rotation_dummyDA_mirroring_and_inital_patch_size(self):
-        rotation, dummy_2d, initial_patch_size, _ = super().configure_rotation_dummyDA_mirroring_and_inital_patch_size()
+        configured = super().configure_rotation_dummyDA_mirroring_and_inital_patch_size()
         self.inference_allowed_mirroring_axes = None
-        return rotation, dummy_2d, initial_patch_size, None
+        return nnunet_integration.without_mirroring(configured)
 
 
 class nnUNetTrainerLandmark_cpu_learn(CPULearningBudget, nnUNetTrainerLandmarkVanillaAdam1en3):
@@ -88,3 +86,21 @@ class nnUNetTrainerLandmarkGaussian_cpu_learn(CPULearningBudget, nnUNetTrainerLa
 
 class nnUNetTrainer_cpu_learn(CPULearningBudget, nnUNetTrainerVanillaAdam1en3):
     """Plain nnU-Net with the optimizer and budget of nnUNetTrainerLandmark_cpu_learn."""
+
+
+class nnUNetTrainerLandmark_cpu_learn_beta10(nnUNetTrainerLandmark_cpu_learn):
+    """As nnUNetTrainerLandmark_cpu_learn with the paper's heatmap weight, beta 10 (accuracy study)."""
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device('cuda')):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.heatmap_loss_weight = 10.0
+
+
+class nnUNetTrainerLandmark_cpu_learn_beta1(nnUNetTrainerLandmark_cpu_learn):
+    """As nnUNetTrainerLandmark_cpu_learn with heatmap weight 1 (accuracy study)."""
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device('cuda')):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.heatmap_loss_weight = 1.0
