@@ -1,0 +1,125 @@
+"""Accuracy on the demo's protocol: the landmark model against plain nnU-Net and the rules, over several demo runs.
+
+    nnUNetv2_landmark_demo -o runs/new_1 && nnUNetv2_landmark_demo -o runs/new_2     # two training runs
+    python benchmarks/accuracy_demo.py --run "new defaults:runs/new_1" --run "new defaults:runs/new_2" \\
+        --run "old defaults:old/run_1" --run "old defaults:old/run_2"
+
+Each run is a finished ``nnUNetv2_landmark_demo`` output folder (20 training phantoms, fold 0, 10 unseen phantoms,
+the landmark model and plain nnU-Net trained with the same budget). Runs with the same label are pooled (each run
+is one training seed). Every number is recomputed here from the prediction files with the demo's own evaluation
+(``nnunet_landmark.demo.evaluate_test_set``): LV Dice of both models (and the paired difference), and per landmark
+the error of what ``nnUNetv2_predict`` wrote, of the heatmap's extremum alone (``landmarks.csv``), and of the best
+rule on the model's own predicted LV (its tip for the apex, its base centre for the valves), plus the tip of plain
+nnU-Net's LV and the mean training position. Writes a markdown section (``--output``) and the rows as JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import OrderedDict
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+
+
+def evaluate_run(folder: Path) -> dict:
+    """Rows of one demo output folder: {"landmark": [...], "plain": [...]} per unseen case."""
+    from nnunet_landmark.demo import DATASET, LANDMARKS, evaluate_test_set
+    from nnunet_landmark.geometry import ImageGeometry
+    from nnunet_landmark.landmark_files import read_landmark_csv, read_markups
+
+    raw = folder / "nnUNet_raw" / DATASET
+    truth = read_landmark_csv(folder / "unseen_phantoms" / "landmarks.csv")
+    splits = json.loads((raw / "splits_final.json").read_text())
+    train_geometries = [(ImageGeometry.from_file(raw / "imagesTr" / f"{c}_0000.nii.gz"),
+                         read_markups(raw / "landmarksTr" / f"{c}.mrk.json")["apex"]) for c in splits[0]["train"]]
+    predictions = sorted(folder.glob("predictions_*"))
+    landmark = [p for p in predictions if "Landmark" in p.name]
+    plain = [p for p in predictions if "Landmark" not in p.name]
+    if len(landmark) != 1 or len(plain) != 1:
+        raise SystemExit(f"{folder}: expected one predictions_<landmark trainer> and one predictions_<plain trainer>")
+    rows = {"landmark": evaluate_test_set(landmark[0], folder / "unseen_phantoms", truth, train_geometries),
+            "plain": evaluate_test_set(plain[0], folder / "unseen_phantoms", truth, train_geometries),
+            "trainers": [landmark[0].name[len("predictions_"):], plain[0].name[len("predictions_"):]],
+            "landmarks": list(LANDMARKS)}
+    estimators = set()
+    with open(landmark[0] / "landmarks.csv") as f:
+        header = f.readline().strip().split(",")
+        column = header.index("estimator") if "estimator" in header else None
+        for line in f:
+            estimators.add(line.strip().split(",")[column] if column is not None else "heatmap")
+    rows["estimators"] = sorted(estimators)
+    return rows
+
+
+def stats(values) -> str:
+    v = np.asarray(values, dtype=float)
+    return f"{v.mean():.2f} / {np.median(v):.2f} / {v.max():.2f}"
+
+
+def group_markdown(label: str, runs: list[tuple[str, dict]]) -> str:
+    landmark = [r for _, run in runs for r in run["landmark"]]
+    plain = [r for _, run in runs for r in run["plain"]]
+    names = runs[0][1]["landmarks"]
+    diff = np.array([a["dice"] - b["dice"] for a, b in zip(landmark, plain)])
+    lines = [f"### {label}: {len(runs)} training runs x {len(landmark) // len(runs)} unseen phantoms "
+             f"(trainers `{runs[0][1]['trainers'][0]}` / `{runs[0][1]['trainers'][1]}`, estimator "
+             f"{', '.join(sorted({e for _, run in runs for e in run['estimators']}))})", "",
+             "| | mean / median / max | per run (mean) |", "|---|---|---|"]
+
+    def per_run(key):
+        return ", ".join(f"{np.mean([key(r) for r in run['landmark']]):.3f}" for _, run in runs)
+
+    lines.append(f"| LV Dice, landmark model | {stats([r['dice'] for r in landmark])} | "
+                 f"{per_run(lambda r: r['dice'])} |")
+    lines.append(f"| LV Dice, plain nnU-Net | {stats([r['dice'] for r in plain])} | "
+                 + ", ".join(f"{np.mean([r['dice'] for r in run['plain']]):.3f}" for _, run in runs) + " |")
+    lines.append(f"| LV Dice, landmark - plain (paired) | {diff.mean():+.4f} (SD {diff.std(ddof=1):.4f}, "
+                 f"min {diff.min():+.4f}) | " + ", ".join(
+                     f"{np.mean([a['dice'] - b['dice'] for a, b in zip(run['landmark'], run['plain'])]):+.4f}"
+                     for _, run in runs) + " |")
+    for name in names:
+        lines.append(f"| {name} (mm), what nnUNetv2_predict writes | "
+                     f"{stats([r['landmark_errors_mm'][name] for r in landmark])} | "
+                     f"{per_run(lambda r: r['landmark_errors_mm'][name])} |")
+        lines.append(f"| {name} (mm), heatmap extremum alone | "
+                     f"{stats([r['heatmap_extremum_errors_mm'][name] for r in landmark])} | "
+                     f"{per_run(lambda r: r['heatmap_extremum_errors_mm'][name])} |")
+        rule = "geometric tip" if name == "apex" else "base centre"
+        lines.append(f"| {name} (mm), {rule} of the landmark model's LV | "
+                     f"{stats([r['rule_errors_mm'][name] for r in landmark])} | "
+                     f"{per_run(lambda r: r['rule_errors_mm'][name])} |")
+        lines.append(f"| {name} (mm), {rule} of plain nnU-Net's LV | "
+                     f"{stats([r['rule_errors_mm'][name] for r in plain])} | " + ", ".join(
+                         f"{np.mean([r['rule_errors_mm'][name] for r in run['plain']]):.2f}" for _, run in runs) + " |")
+    lines.append(f"| apex (mm), mean position of the training apices | "
+                 f"{stats([r['error_mean_position_mm'] for r in landmark])} | |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run", action="append", required=True, help="LABEL:DEMO_OUTPUT_FOLDER (repeat)")
+    parser.add_argument("--output", default=str(HERE / "accuracy_demo.md"))
+    args = parser.parse_args()
+    groups: "OrderedDict[str, list]" = OrderedDict()
+    for item in args.run:
+        label, _, folder = item.rpartition(":")
+        groups.setdefault(label, []).append((folder, evaluate_run(Path(folder))))
+    text = ["## Accuracy on the demo's protocol (`benchmarks/accuracy_demo.py`)", "",
+            "Unseen phantoms, fold 0 of the demo's dataset, each run one training seed; errors in mm as mean / median "
+            "/ max over every case of every run of the group.", ""]
+    for label, runs in groups.items():
+        text.append(group_markdown(label, runs))
+    Path(args.output).write_text("\n".join(text))
+    Path(args.output).with_suffix(".json").write_text(json.dumps(
+        {label: {folder: run for folder, run in runs} for label, runs in groups.items()}, indent=1, default=float))
+    print("\n".join(text))
+
+
+if __name__ == "__main__":
+    main()
