@@ -58,11 +58,23 @@ def set_position_prior(plans: dict, fold_key: str, prior: PositionPrior | None) 
     plans[PLANS_KEY][PRIORS_KEY] = {} if prior is None else {fold_key: prior.to_dict()}
 
 
-def record_position_prior(plans_file: str, fold_key: str, prior: PositionPrior | None) -> None:
-    """Add (or replace) one fold's prior in a model folder's ``plans.json``, keeping the other folds' priors.
+def recorded_position_priors(plans_file: str) -> dict:
+    """{fold key: prior dict} of a model folder's ``plans.json`` (empty if there is none)."""
+    from batchgenerators.utilities.file_and_folder_operations import load_json
 
-    Folds are often trained in parallel, each writing ``plans.json`` when it starts: the update holds the folder's
-    lock and rewrites the file atomically.
+    if not os.path.isfile(plans_file):
+        return {}
+    return dict(load_json(plans_file).get(PLANS_KEY, {}).get(PRIORS_KEY, {}))
+
+
+def record_position_prior(plans_file: str, fold_key: str, prior: PositionPrior | None,
+                          keep: dict | None = None) -> None:
+    """Add (or replace) one fold's prior in a model folder's ``plans.json``, keeping the other folds' priors (and
+    those of ``keep``, {fold key: prior dict}, that the file no longer has).
+
+    nnU-Net's trainer rewrites ``plans.json`` from its in-memory plans when a fold starts, which hold that fold's
+    prior only; the trainer reads the others first and hands them back as ``keep``. Folds are often trained in
+    parallel: the update holds the folder's lock and rewrites the file atomically.
     """
     from batchgenerators.utilities.file_and_folder_operations import load_json
 
@@ -71,6 +83,8 @@ def record_position_prior(plans_file: str, fold_key: str, prior: PositionPrior |
     with _locked_folder(os.path.dirname(os.path.abspath(plans_file))):
         plans = load_json(plans_file)
         priors = plans.setdefault(PLANS_KEY, {}).setdefault(PRIORS_KEY, {})
+        for key, value in (keep or {}).items():
+            priors.setdefault(key, value)
         if prior is None:
             priors.pop(fold_key, None)
         else:

@@ -152,3 +152,26 @@ def test_pooling_averages_folds_and_skips_missing_structures():
     np.testing.assert_allclose(pooled_prediction([first, second], "tip", moments)[0], (a + b) / 2, atol=1e-12)
     assert pooled_prediction([first], "tip", {}) is None
     assert pooled_prediction([first], "unknown", moments) is None
+
+
+def test_recording_keeps_every_fold_when_nnunet_rewrites_plans(tmp_path):
+    """nnU-Net rewrites plans.json from a fold's in-memory plans (its own prior only) when the fold starts: the
+    trainer hands the other folds' priors back, and a fold recorded later than the rewrite survives too."""
+    import json
+
+    from nnunet_landmark.landmark_heads import (PLANS_KEY, PRIORS_KEY, record_position_prior,
+                                                recorded_position_priors)
+
+    rng = np.random.default_rng(6)
+    cases = [ellipsoid_case(rng) for _ in range(6)]
+    priors = [PositionPrior.fit([(_moments(l, g), p) for l, g, p in part], ["tip", "side"])
+              for part in (cases[:3], cases[3:])]
+    plans_file = tmp_path / "plans.json"
+    plans_file.write_text(json.dumps({PLANS_KEY: {PRIORS_KEY: {"fold_0": priors[0].to_dict()}}}))
+    before = recorded_position_priors(str(plans_file))
+    plans_file.write_text(json.dumps({PLANS_KEY: {PRIORS_KEY: {"fold_1": priors[1].to_dict()}}}))  # nnU-Net's rewrite
+    record_position_prior(str(plans_file), "fold_1", priors[1], keep=before)
+    assert sorted(recorded_position_priors(str(plans_file))) == ["fold_0", "fold_1"]
+    record_position_prior(str(plans_file), "fold_0", None)  # a fold without a prior removes its stale one
+    assert sorted(recorded_position_priors(str(plans_file))) == ["fold_1"]
+    assert recorded_position_priors(str(tmp_path / "missing.json")) == {}

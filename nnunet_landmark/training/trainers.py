@@ -30,7 +30,7 @@ from nnunet_landmark.heatmap import HeatmapEncoding, decode_heatmap
 from nnunet_landmark.evaluation.metrics import landmark_errors_mm
 from nnunet_landmark.landmark_files import LandmarkFileError, read_landmark_table, read_markups
 from nnunet_landmark.landmark_heads import (LandmarkHeads, landmark_names_from_dataset_json, record_position_prior,
-                                            set_position_prior)
+                                            recorded_position_priors, set_position_prior)
 from nnunet_landmark.layout import LANDMARK_SUMMARY, LANDMARK_TABLE, markups_path
 from nnunet_landmark.raw_dataset import save_json
 from nnunet_landmark.training.data_loading import nnUNetLandmarkDataLoader
@@ -130,16 +130,18 @@ class nnUNetTrainerLandmark(nnUNetTrainer):
             self.print_to_log_file(f"position prior of {name}: structure {p.structure} (0 = all foreground), "
                                    f"leave-one-out error on the training references {p.loo_rms_mm:.2f} mm RMS")
 
-    def _record_position_prior(self) -> None:
+    def _record_position_prior(self, keep: dict | None = None) -> None:
         """Add this fold's prior to the model folder's plans.json next to the other folds' (nnU-Net rewrites the file
-        with the in-memory plans, which hold this fold's only)."""
+        with the in-memory plans, which hold this fold's only: ``keep`` are the others, read before that)."""
         plans_file = join(self.output_folder_base, "plans.json")
         if self.local_rank == 0 and isfile(plans_file):
-            record_position_prior(plans_file, self._fold_key, self.position_prior)
+            record_position_prior(plans_file, self._fold_key, self.position_prior, keep)
 
     def on_train_start(self):
+        other_folds = recorded_position_priors(join(self.output_folder_base, "plans.json"))
+        other_folds.pop(self._fold_key, None)
         super().on_train_start()
-        self._record_position_prior()
+        self._record_position_prior(other_folds)
 
     # ------------------------------------------------------------------------------------------ landmarks
     def _load_landmarks(self) -> tuple[dict, dict]:
