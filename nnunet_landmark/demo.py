@@ -26,16 +26,16 @@ import argparse
 import json
 import os
 import re
-import subprocess
-import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 
+from nnunet_landmark.phantom_dataset import PLANS
+
 DATASET_ID = 850
 DATASET = "Dataset850_MMWHSPhantoms"
-PLANS = "nnUNetResEncUNetMPlans"
 LANDMARKS = ("apex", "mitral_valve", "aortic_valve")  # heatmap channel order; all three annotated on the phantoms
 LV_CAVITY = 500  # MM-WHS label of the LV blood cavity
 # the stand-in for another modality: the phantom moved by a random rotation and translation up to these
@@ -61,30 +61,12 @@ class Step:
         print(f"\n[{self.number}/{self.total}] {title}  (elapsed {time.time() - self.start:.0f} s)", flush=True)
 
 
-def run(command: list[str], env: dict, log: Path) -> None:
-    """Run a console script of this environment, keep its full output in ``log``, show its progress lines."""
-    exe = Path(sys.executable).parent / command[0]
-    command = [str(exe) if exe.exists() else command[0], *command[1:]]
-    print("  $ " + " ".join(command), flush=True)
-    with open(log, "a") as f:
-        f.write("$ " + " ".join(command) + "\n")
-        process = subprocess.Popen(command, env={**os.environ, **env}, stdout=subprocess.PIPE,
-                                   stderr=subprocess.STDOUT, text=True, bufsize=1)
-        for line in process.stdout:
-            f.write(line)
-            line = line.rstrip()
-            if PROGRESS.search(line):
-                print("    " + line[-150:], flush=True)
-        if process.wait() != 0:
-            raise SystemExit(f"{command[0]} failed (exit {process.returncode}); see {log}")
-
-
 def evaluate_test_set(prediction_folder: Path, test_root: Path, truth: dict, train_geometries: list) -> list[dict]:
     """Per unseen case: LV Dice, the model's error per landmark (apex also as ``error_model_mm``), and both apex
     baselines' errors (mm)."""
     import SimpleITK as sitk
 
-    from nnunet_landmark.baselines import MeanPositionBaseline, apex_from_segmentation
+    from nnunet_landmark.evaluation.baselines import MeanPositionBaseline, apex_from_segmentation
     from nnunet_landmark.evaluation.baselines import base_from_segmentation
     from nnunet_landmark.evaluation.metrics import dice, landmark_errors_mm
     from nnunet_landmark.geometry import ImageGeometry
@@ -262,6 +244,16 @@ def plot_alignment(figure: dict, path: Path, max_points: int = 3000) -> Path:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """The console script: a failed nnU-Net command ends the demo with its message, not a traceback."""
+    from nnunet_landmark.phantom_dataset import ConsoleScriptError
+
+    try:
+        run_demo(argv)
+    except ConsoleScriptError as e:
+        raise SystemExit(str(e)) from None
+
+
+def run_demo(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="nnUNetv2_landmark_demo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-o", "--output", default="demo_output", help="output folder (default ./demo_output)")
@@ -282,12 +274,13 @@ def main(argv: list[str] | None = None) -> None:
                      f"and --test_cases at least 2; got --cases {args.cases} --folds {args.folds} "
                      f"--test_cases {args.test_cases}")
 
-    from nnunet_landmark.cpu_plans import add_small_configuration
-    from nnunet_landmark.evaluation.compare import compare_to_plain
-    from nnunet_landmark.evaluation.report import write_report
+    from nnunet_landmark.evaluation.study.compare import compare_to_plain
+    from nnunet_landmark.evaluation.study.report import write_report
     from nnunet_landmark.geometry import ImageGeometry
-    from nnunet_landmark.landmark_files import read_markups
+    from nnunet_landmark.landmark_files import read_landmark_csv, read_markups
+    from nnunet_landmark.phantom_dataset import prepare_phantom_dataset, run_console_script
     from nnunet_landmark.phantoms import write_mmwhs_phantoms
+    from nnunet_landmark.results_folder import results_folder
 
     out = Path(args.output).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -304,39 +297,27 @@ def main(argv: list[str] | None = None) -> None:
     # phantoms in the learning test, against 12.9 mm for the mean position)
     size = (64, 64, 48) if args.device == "cpu" else "small"
     step = Step(9)
+    run = partial(run_console_script, env=env, log=log, progress=PROGRESS, echo=True)
+
+    def model(trainer: str) -> Path:
+        return results_folder(DATASET, trainer, PLANS, configuration, results=env["nnUNet_results"])
 
     step(f"Synthetic cardiac CT phantoms in the MM-WHS layout ({args.cases} training, {args.test_cases} unseen)")
     mmwhs, unseen = out / "mmwhs_phantoms", out / "unseen_phantoms"
-    if not (mmwhs / "landmarks.csv").exists():
-        write_mmwhs_phantoms(mmwhs, args.cases, seed=args.seed, size=size, flips=False)
     if not (unseen / "landmarks.csv").exists():
         write_mmwhs_phantoms(unseen, args.test_cases, seed=args.seed + 1, size=size, flips=False, first_case=3001)
-    from nnunet_landmark.landmark_files import read_landmark_csv
     truth = read_landmark_csv(unseen / "landmarks.csv")
+    # the training phantoms, then steps 2 and 3 (on a CPU with the small configuration 3d_cpu)
+    raw = prepare_phantom_dataset(env, DATASET_ID, mmwhs, name="MMWHSPhantoms", landmarks=LANDMARKS, folds=args.folds,
+                                  num_cases=args.cases, seed=args.seed, size=size, flips=False,
+                                  processes=int(env["nnUNet_def_n_proc"]), small_configuration=args.device == "cpu",
+                                  step=step, log=log, progress=PROGRESS, echo=True).raw
 
-    step("nnUNetv2_convert_MMWHS")
-    raw = Path(env["nnUNet_raw"]) / DATASET
-    if not raw.exists():
-        run(["nnUNetv2_convert_MMWHS", "-i", str(mmwhs / "ct_train"), "-a", str(mmwhs / "landmarks.csv"),
-             "--landmarks", *LANDMARKS, "-d", str(DATASET_ID), "--name", "MMWHSPhantoms", "--folds", str(args.folds)],
-            env, log)
-
-    step("nnUNetv2_plan_and_preprocess (ResEnc-M planner)")
-    plans_file = Path(env["nnUNet_preprocessed"]) / DATASET / f"{PLANS}.json"
-    if not plans_file.exists() or configuration not in json.loads(plans_file.read_text())["configurations"]:
-        run(["nnUNetv2_plan_and_preprocess", "-d", str(DATASET_ID), "-pl", "nnUNetPlannerResEncM", "-c", "3d_fullres",
-             "-np", env["nnUNet_def_n_proc"]], env, log)
-        if args.device == "cpu":
-            add_small_configuration(plans_file, name=configuration, patch_size=(32, 32, 32),
-                                    features_per_stage=(8, 16, 32, 64), batch_size=2)
-
-    results = Path(env["nnUNet_results"]) / DATASET
     for number, trainer in enumerate((landmark_trainer, plain_trainer)):
         step(f"nnUNetv2_train {configuration} fold {args.fold} -tr {trainer}")
-        if not (results / f"{trainer}__{PLANS}__{configuration}" / f"fold_{args.fold}" / "validation" /
-                "summary.json").exists():
+        if not (model(trainer) / f"fold_{args.fold}" / "validation" / "summary.json").exists():
             run(["nnUNetv2_train", str(DATASET_ID), configuration, str(args.fold), "-tr", trainer, "-p", PLANS,
-                 "-device", args.device], env, log)
+                 "-device", args.device])
 
     step("nnUNetv2_predict on the unseen phantoms, both models")
     inputs = out / "unseen_inputs"
@@ -351,14 +332,12 @@ def main(argv: list[str] | None = None) -> None:
         # the smoke trainers keep nnU-Net's test-time mirroring, the CPU learning budget has none: predict alike
         no_tta = ["--disable_tta"] if args.budget == "smoke" else []
         run(["nnUNetv2_predict", "-i", str(inputs), "-o", str(predictions[trainer]), "-d", str(DATASET_ID), "-c",
-             configuration, "-f", str(args.fold), "-tr", trainer, "-p", PLANS, "-device", args.device, *no_tta],
-            env, log)
+             configuration, "-f", str(args.fold), "-tr", trainer, "-p", PLANS, "-device", args.device, *no_tta])
 
     step("Evaluation: cross-validation fold and unseen test set, against plain nnU-Net and the baselines")
     os.environ.update(env)
     report_folder = out / "report"
-    comparison = compare_to_plain(results / f"{landmark_trainer}__{PLANS}__{configuration}",
-                                  results / f"{plain_trainer}__{PLANS}__{configuration}", raw, report_folder,
+    comparison = compare_to_plain(model(landmark_trainer), model(plain_trainer), raw, report_folder,
                                   folds=[args.fold], qc=True)
     splits = json.loads((raw / "splits_final.json").read_text())
     train_geometries = [(ImageGeometry.from_file(raw / "imagesTr" / f"{c}_0000.nii.gz"),
@@ -372,8 +351,7 @@ def main(argv: list[str] | None = None) -> None:
     figure_file = plot_alignment(figure, report_folder / "alignment.png")
 
     step("Report")
-    curves = [str(results / f"{t}__{PLANS}__{configuration}" / f"fold_{args.fold}" / "progress.png")
-              for t in (landmark_trainer, plain_trainer)]
+    curves = [str(model(t) / f"fold_{args.fold}" / "progress.png") for t in (landmark_trainer, plain_trainer)]
     report = write_report(report_folder, comparison["landmark_crossval"], comparison, curves,
                           comparison.get("qc_pngs", []),
                           title="nnunet-landmark demo on synthetic MM-WHS-like CT: LV segmentation, landmark "

@@ -9,6 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from nnunet_landmark.phantom_dataset import PLANS, SMALL_CONFIGURATION, prepare_phantom_dataset, run_console_script
+from nnunet_landmark.results_folder import results_folder
+
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 BIN = Path(sys.executable).parent
 
@@ -61,39 +64,25 @@ def environment(env: dict[str, str]):
 
 def run_cli(command: list[str], env: dict[str, str] | None = None, timeout: float = 900,
             check: bool = True) -> subprocess.CompletedProcess:
-    """Run an installed console script (nnUNetv2_*) from this interpreter's bin folder."""
-    full_env = {**os.environ, **(env or {})}
-    exe = str(BIN / command[0]) if (BIN / command[0]).exists() else command[0]
-    result = subprocess.run([exe, *command[1:]], env=full_env, capture_output=True, text=True, timeout=timeout)
-    if check and result.returncode != 0:
-        raise AssertionError(f"{' '.join(command)} failed with exit code {result.returncode}\n"
-                             f"--- stdout ---\n{result.stdout[-6000:]}\n--- stderr ---\n{result.stderr[-6000:]}")
-    return result
+    """Run an installed console script (nnUNetv2_*) from this interpreter's bin folder (``run_console_script``)."""
+    return run_console_script(command, env, timeout=timeout, check=check)
 
 
 # ---------------------------------------------------------------------------------------------- session datasets
-PLANS = "nnUNetResEncUNetMPlans"
-CONFIG = "3d_cpu"
+# PLANS (nnUNetResEncUNetMPlans) and the small configuration (3d_cpu): prepare_phantom_dataset's
+CONFIG = SMALL_CONFIGURATION["name"]
 
 
 def prepare_dataset(root: Path, dataset_id: int, name: str, landmarks: list[str], num_cases: int, size, flips: bool,
                     folds: int, seed: int) -> dict:
     """Phantoms in the MM-WHS layout -> nnUNetv2_convert_MMWHS -> nnUNetv2_plan_and_preprocess (ResEnc-M planner),
-    plus a small CPU configuration ``3d_cpu`` (32^3 patch, 8-64 features, batch 2) added to the plans."""
-    from nnunet_landmark.cpu_plans import add_small_configuration
-    from nnunet_landmark.phantoms import write_mmwhs_phantoms
-
+    plus a small CPU configuration ``3d_cpu`` (32^3 patch, 8-64 features, batch 2) added to the plans
+    (``prepare_phantom_dataset``, as the demo and the benchmarks)."""
     env = nnunet_environment(root)
     env["nnUNet_def_n_proc"] = "2"
-    write_mmwhs_phantoms(root / "mmwhs", num_cases=num_cases, seed=seed, size=size, flips=flips, progress=False)
-    run_cli(["nnUNetv2_convert_MMWHS", "-i", str(root / "mmwhs" / "ct_train"), "-a", str(root / "mmwhs" / "landmarks.csv"),
-             "-d", str(dataset_id), "--name", name, "--landmarks", *landmarks, "--folds", str(folds)], env)
-    run_cli(["nnUNetv2_plan_and_preprocess", "-d", str(dataset_id), "-pl", "nnUNetPlannerResEncM", "-c", "3d_fullres",
-             "-np", "2"], env)
-    dataset = f"Dataset{dataset_id:03d}_{name}"
-    add_small_configuration(Path(env["nnUNet_preprocessed"]) / dataset / f"{PLANS}.json", name=CONFIG,
-                            patch_size=(32, 32, 32), features_per_stage=(8, 16, 32, 64), batch_size=2)
-    return {"root": root, "env": env, "dataset": dataset, "dataset_id": dataset_id, "landmarks": landmarks}
+    dataset = prepare_phantom_dataset(env, dataset_id, root / "mmwhs", name=name, landmarks=landmarks, folds=folds,
+                                      num_cases=num_cases, seed=seed, size=size, flips=flips, phantom_progress=False)
+    return {"root": root, "env": env, "dataset": dataset.name, "dataset_id": dataset_id, "landmarks": landmarks}
 
 
 @pytest.fixture(scope="session")
@@ -120,5 +109,5 @@ def learned_model(learning_dataset):
     env, trainer = learning_dataset["env"], "nnUNetTrainerLandmark_cpu_learn"
     run_cli(["nnUNetv2_train", str(learning_dataset["dataset_id"]), CONFIG, "0", "-tr", trainer, "-p", PLANS,
              "-device", "cpu"], env, timeout=1200)
-    folder = Path(env["nnUNet_results"]) / learning_dataset["dataset"] / f"{trainer}__{PLANS}__{CONFIG}"
+    folder = results_folder(learning_dataset["dataset"], trainer, PLANS, CONFIG, results=env["nnUNet_results"])
     return {**learning_dataset, "trainer": trainer, "folder": folder}
