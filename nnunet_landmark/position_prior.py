@@ -168,14 +168,18 @@ class PositionPrior:
         landmarks = {}
         for k, name in enumerate(names):
             points = np.stack([np.asarray(p, dtype=np.float64)[k] for _, p in cases])
+            known = np.all(np.isfinite(points), axis=1)  # a case may lack a landmark
+            if known.sum() < MIN_CASES:
+                continue
+            points = points[known]
             best = None
             for s in structures:
-                moments = [c[s] for c, _ in cases]
+                moments = [c[s] for (c, _), ok in zip(cases, known) if ok]
                 reference, roll = _reference_axes(moments)
                 frames = [structure_frame(m, reference, roll) for m in moments]
                 mean, cov, loo = _fit_structure(frames, points)
                 if best is None or loo < best.loo_rms_mm:
-                    best = LandmarkPrior(s, reference, roll, mean, cov, loo, len(cases))
+                    best = LandmarkPrior(s, reference, roll, mean, cov, loo, int(known.sum()))
             if best is not None:
                 landmarks[name] = best
         return cls(landmarks) if landmarks else None

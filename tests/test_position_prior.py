@@ -175,3 +175,14 @@ def test_recording_keeps_every_fold_when_nnunet_rewrites_plans(tmp_path):
     record_position_prior(str(plans_file), "fold_0", None)  # a fold without a prior removes its stale one
     assert sorted(recorded_position_priors(str(plans_file))) == ["fold_1"]
     assert recorded_position_priors(str(tmp_path / "missing.json")) == {}
+
+
+def test_cases_without_a_landmark_are_left_out_of_its_prior():
+    rng = np.random.default_rng(7)
+    cases = [ellipsoid_case(rng) for _ in range(5)]
+    full = PositionPrior.fit([(_moments(l, g), p) for l, g, p in cases[:4]], ["tip", "side"])
+    gappy = [(_moments(l, g), p.copy()) for l, g, p in cases]
+    gappy[4][1][0] = np.nan  # the fifth case lacks its tip
+    prior = PositionPrior.fit(gappy, ["tip", "side"])
+    assert prior.landmarks["tip"].cases == 4 and prior.landmarks["side"].cases == 5
+    np.testing.assert_allclose(prior.landmarks["tip"].mean, full.landmarks["tip"].mean, atol=1e-12)
