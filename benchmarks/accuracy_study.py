@@ -24,6 +24,7 @@ import os
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -73,13 +74,13 @@ def main() -> None:
     args = parser.parse_args()
 
     import torch
-    from nnunet_landmark.baselines import MeanPositionBaseline, apex_from_segmentation
-    from nnunet_landmark.cpu_plans import add_small_configuration
-    from nnunet_landmark.demo import run
-    from nnunet_landmark.evaluation.metrics import dice
+    from nnunet_landmark.demo import PROGRESS
+    from nnunet_landmark.evaluation.baselines import apex_from_segmentation, fit_mean_positions
+    from nnunet_landmark.evaluation.metrics import dice, landmark_error_mm
     from nnunet_landmark.geometry import ImageGeometry
     from nnunet_landmark.landmark_files import read_markups
-    from nnunet_landmark.phantoms import write_mmwhs_phantoms
+    from nnunet_landmark.phantom_dataset import prepare_phantom_dataset, run_console_script
+    from nnunet_landmark.results_folder import results_folder
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="nnunet_landmark_study_"))
     work.mkdir(parents=True, exist_ok=True)
@@ -91,19 +92,16 @@ def main() -> None:
     configuration = "3d_cpu" if args.device == "cpu" else "3d_fullres"
     trainer_index = 0 if args.device == "cpu" else 1
     start = time.time()
-    raw = Path(env["nnUNet_raw"]) / DATASET
-    if not raw.exists():
-        write_mmwhs_phantoms(work / "mmwhs", 20, seed=860, size=(64, 64, 48) if args.device == "cpu" else "small",
-                             flips=False)
-        run(["nnUNetv2_convert_MMWHS", "-i", str(work / "mmwhs" / "ct_train"), "-a", str(work / "mmwhs" / "apex"),
-             "-d", str(DATASET_ID), "--name", "MMWHSStudy"], env, log)
-        run(["nnUNetv2_plan_and_preprocess", "-d", str(DATASET_ID), "-pl", "nnUNetPlannerResEncM", "-c", "3d_fullres",
-             "-np", "2"], env, log)
-        if args.device == "cpu":
-            add_small_configuration(Path(env["nnUNet_preprocessed"]) / DATASET / f"{PLANS}.json", name=configuration,
-                                    patch_size=(32, 32, 32), features_per_stage=(8, 16, 32, 64), batch_size=2)
+    run = partial(run_console_script, env=env, log=log, progress=PROGRESS, echo=True)
+    # the apex annotated by its sphere masks (MM-WHS-style), 10 folds
+    raw = prepare_phantom_dataset(env, DATASET_ID, work / "mmwhs", name="MMWHSStudy", num_cases=20, seed=860,
+                                  size=(64, 64, 48) if args.device == "cpu" else "small", flips=False,
+                                  annotations=[str(work / "mmwhs" / "apex")], small_configuration=args.device == "cpu",
+                                  log=log, progress=PROGRESS, echo=True).raw
     splits = json.loads((raw / "splits_final.json").read_text())
-    results = Path(env["nnUNet_results"]) / DATASET
+
+    def model(name: str) -> Path:
+        return results_folder(DATASET, MODELS[name][trainer_index], PLANS, configuration)
 
     from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
 
@@ -113,18 +111,15 @@ def main() -> None:
     for fold in args.folds:
         for name, trainers in MODELS.items():
             trainer = trainers[trainer_index]
-            if not (results / f"{trainer}__{PLANS}__{configuration}" / f"fold_{fold}" / "validation" /
-                    "summary.json").exists():
+            if not (model(name) / f"fold_{fold}" / "validation" / "summary.json").exists():
                 print(f"fold {fold}: training {trainer} ({time.time() - start:.0f} s)", flush=True)
                 run(["nnUNetv2_train", str(DATASET_ID), configuration, str(fold), "-tr", trainer, "-p", PLANS,
-                     "-device", args.device], env, log)
+                     "-device", args.device])
         train_cases, val_cases = splits[fold]["train"], splits[fold]["val"]
-        baseline = MeanPositionBaseline().fit([
-            (ImageGeometry.from_file(raw / "imagesTr" / f"{c}_0000.nii.gz"),
-             read_markups(raw / "landmarksTr" / f"{c}.mrk.json")["apex"]) for c in train_cases])
+        baseline = fit_mean_positions(raw, train_cases, ["apex"])["apex"]
         decoded = {}
         for name in ("log_distance", "gaussian"):
-            folder = results / f"{MODELS[name][trainer_index]}__{PLANS}__{configuration}"
+            folder = model(name)
             predictor = nnUNetLandmarkPredictor(use_mirroring=False, device=torch.device(args.device),
                                                 allow_tqdm=False)
             predictor.initialize_from_trained_model_folder(str(folder), (fold,), "checkpoint_final.pth")
@@ -139,16 +134,16 @@ def main() -> None:
             truth = read_markups(raw / "landmarksTr" / f"{case}.mrk.json")["apex"]
             geometry = ImageGeometry.from_file(raw / "imagesTr" / f"{case}_0000.nii.gz")
             reference = sitk.GetArrayFromImage(sitk.ReadImage(str(raw / "labelsTr" / f"{case}.nii.gz"))) == 1
-            row = {"fold": fold, "case": case, "mean_position": float(np.linalg.norm(baseline.predict(geometry) - truth))}
+            row = {"fold": fold, "case": case, "mean_position": landmark_error_mm(baseline.predict(geometry), truth)}
             for name in MODELS:
-                folder = results / f"{MODELS[name][trainer_index]}__{PLANS}__{configuration}" / f"fold_{fold}"
+                folder = model(name) / f"fold_{fold}"
                 segmentation = sitk.GetArrayFromImage(sitk.ReadImage(str(folder / "validation" / f"{case}.nii.gz")))
                 row[f"dice_{name}"] = dice(reference, segmentation == 1)
-                row[f"tip_{name}"] = float(np.linalg.norm(apex_from_segmentation(segmentation, geometry, 1) - truth))
+                row[f"tip_{name}"] = landmark_error_mm(apex_from_segmentation(segmentation, geometry, 1), truth)
             for (name, c), variants in decoded.items():
                 if c == case:
                     for variant, point in variants.items():
-                        row[f"{name}_{variant}"] = float(np.linalg.norm(point - truth))
+                        row[f"{name}_{variant}"] = landmark_error_mm(point, truth)
             rows.append(row)
             print(json.dumps(row), flush=True)
 

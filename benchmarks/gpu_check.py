@@ -41,21 +41,12 @@ TRAINERS = (("plain", "nnUNetTrainer"), ("landmark", "nnUNetTrainerLandmark"))
 TARGETS = {"iteration": 1.03, "memory": 1.02, "prediction": 1.05}
 
 
-def bin_path(name: str) -> str:
-    candidate = Path(sys.executable).parent / name
-    return str(candidate) if candidate.exists() else name
-
-
 def run(command: list[str], env: dict, log: Path) -> float:
-    """Run a command, its output appended to ``log``; seconds taken. Raises with the log's tail on failure."""
+    """Run a console script, its output appended to ``log``; seconds taken (``run_console_script``)."""
+    from nnunet_landmark.phantom_dataset import run_console_script
+
     start = time.perf_counter()
-    with open(log, "a") as f:
-        f.write(f"\n$ {' '.join(command)}\n")
-        f.flush()
-        result = subprocess.run(command, env={**os.environ, **env}, stdout=f, stderr=subprocess.STDOUT)
-    if result.returncode != 0:
-        raise RuntimeError(f"{' '.join(command)} failed (exit {result.returncode}); the end of {log}:\n"
-                           + log.read_text()[-4000:])
+    run_console_script(command, env, log=log)
     return time.perf_counter() - start
 
 
@@ -84,29 +75,27 @@ def _one_phantom(args: tuple) -> list[str]:
     return rows
 
 
+def write_phantoms(folder: Path, cases: int, size: str) -> None:
+    """``cases`` phantoms written in parallel, one process each, into one MM-WHS-like folder."""
+    shutil.rmtree(folder, ignore_errors=True)
+    (folder / "ct_train").mkdir(parents=True)
+    jobs = [(str(folder), n, 11, size) for n in range(cases)]
+    with ProcessPoolExecutor(max_workers=max(1, min(cases, os.cpu_count() or 1))) as pool:
+        parts = list(pool.map(_one_phantom, jobs))
+    header = parts[0][0]
+    (folder / "landmarks.csv").write_text("\n".join([header] + [r for p in parts for r in p[1:]]) + "\n")
+
+
 def prepare(workdir: Path, dry_run: bool, cases: int, env: dict, log: Path) -> str:
     """Phantoms -> converter -> ResEnc-M plans and preprocessing; the configuration to use."""
-    raw = workdir / "mmwhs"
-    if not (workdir / "preprocessed" / DATASET / f"{PLANS}.json").exists():
-        shutil.rmtree(raw, ignore_errors=True)
-        (raw / "ct_train").mkdir(parents=True)
-        size = "tiny" if dry_run else "realistic"
-        jobs = [(str(raw), n, 11, size) for n in range(cases)]
-        with ProcessPoolExecutor(max_workers=max(1, min(cases, os.cpu_count() or 1))) as pool:
-            parts = list(pool.map(_one_phantom, jobs))
-        header = parts[0][0]
-        (raw / "landmarks.csv").write_text("\n".join([header] + [r for p in parts for r in p[1:]]) + "\n")
-        run([bin_path("nnUNetv2_convert_MMWHS"), "-i", str(raw / "ct_train"), "-a", str(raw / "landmarks.csv"),
-             "-d", str(DATASET_ID), "--folds", str(cases), "--overwrite"], env, log)
-        processes = str(max(1, min(8, os.cpu_count() or 1)))
-        run([bin_path("nnUNetv2_plan_and_preprocess"), "-d", str(DATASET_ID), "-pl", "nnUNetPlannerResEncM",
-             "-c", "3d_fullres", "-np", processes, "-npfp", processes], env, log)
-    if not dry_run:
-        return "3d_fullres"
-    from nnunet_landmark.cpu_plans import add_small_configuration
-    add_small_configuration(workdir / "preprocessed" / DATASET / f"{PLANS}.json", name="3d_cpu",
-                            patch_size=(32, 32, 32), features_per_stage=(8, 16, 32, 64), batch_size=2)
-    return "3d_cpu"
+    from nnunet_landmark.phantom_dataset import prepare_phantom_dataset
+
+    processes = max(1, min(8, os.cpu_count() or 1))
+    dataset = prepare_phantom_dataset(
+        env, DATASET_ID, workdir / "mmwhs", folds=cases, processes=processes, fingerprint_processes=processes,
+        overwrite=True, small_configuration=dry_run, log=log,
+        write_phantoms=lambda folder: write_phantoms(folder, cases, "tiny" if dry_run else "realistic"))
+    return dataset.configuration or "3d_fullres"
 
 
 # ------------------------------------------------------------------------------------------ training
@@ -186,11 +175,12 @@ def agreement_worker(configuration: str, case_image: str, crop_center: list, dev
     import torch
     from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
     from nnunetv2.inference.data_iterators import PreprocessAdapterFromNpy
-    from nnunetv2.utilities.file_path_utilities import get_output_folder
 
+    from nnunet_landmark.evaluation.metrics import landmark_error_mm
     from nnunet_landmark.inference import decode_landmarks, nnUNetLandmarkPredictor, reliable_sliding_window_region
+    from nnunet_landmark.results_folder import results_folder
 
-    folder = get_output_folder(DATASET_ID, "nnUNetTrainerLandmark", PLANS, configuration)
+    folder = str(results_folder(DATASET, "nnUNetTrainerLandmark", PLANS, configuration))
     predictors = {}
     for name in devices:
         predictor = nnUNetLandmarkPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=False,
@@ -227,8 +217,8 @@ def agreement_worker(configuration: str, case_image: str, crop_center: list, dev
     valid = np.broadcast_to(reliable_sliding_window_region(a.shape[1:], reference.configuration_manager.patch_size),
                             a.shape[1:])
     difference = np.abs(a - b)[:, valid]
-    distances = {n: float(np.linalg.norm(np.asarray(landmarks[devices[0]][n]["world"])
-                                         - np.asarray(landmarks[devices[1]][n]["world"]))) for n in heads.names}
+    distances = {n: landmark_error_mm(landmarks[devices[0]][n]["world"], landmarks[devices[1]][n]["world"])
+                 for n in heads.names}
     return {"devices": devices, "preprocessed_shape": list(a.shape[1:]), "reliable_fraction": float(valid.mean()),
             "max_sigmoid_difference": float(difference.max()), "mean_sigmoid_difference": float(difference.mean()),
             "landmark_distance_mm": distances,
@@ -345,7 +335,7 @@ def main() -> int:
         out = workdir / f"predicted_{label}"
         shutil.rmtree(out, ignore_errors=True)
         prediction[label] = {"seconds": run(
-            [bin_path("nnUNetv2_predict"), "-i", str(inputs), "-o", str(out), "-d", str(DATASET_ID), "-c",
+            ["nnUNetv2_predict", "-i", str(inputs), "-o", str(out), "-d", str(DATASET_ID), "-c",
              configuration, "-f", "0", "-tr", trainer, "-p", PLANS, "-chk", "checkpoint_final.pth", "-device",
              device] + (["-npp", "1", "-nps", "1"] if dry else []) + ([] if args.tta else ["--disable_tta"]), env,
             log)}

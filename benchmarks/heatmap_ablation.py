@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -62,35 +61,12 @@ def trainer_name(variant: str) -> str:
     return f"nnUNetTrainerLandmarkAblation_{variant}"
 
 
-def bin_path(name: str) -> str:
-    candidate = Path(sys.executable).parent / name
-    return str(candidate) if candidate.exists() else name
-
-
-def run(command: list[str], env: dict) -> None:
-    result = subprocess.run([bin_path(command[0]), *command[1:]], env={**os.environ, **env}, capture_output=True,
-                            text=True)
-    if result.returncode != 0:
-        raise RuntimeError(f"{' '.join(command)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
-
-
 def prepare(workdir: Path, env: dict) -> Path:
-    from nnunet_landmark.cpu_plans import add_small_configuration
-    from nnunet_landmark.phantoms import write_mmwhs_phantoms
+    from nnunet_landmark.phantom_dataset import prepare_phantom_dataset
 
-    dataset = f"Dataset{DATASET_ID}_{NAME}"
-    plans = Path(env["nnUNet_preprocessed"]) / dataset / f"{PLANS}.json"
-    if plans.exists() and CONFIG in json.loads(plans.read_text())["configurations"]:
-        return Path(env["nnUNet_raw"]) / dataset
-    write_mmwhs_phantoms(workdir / "mmwhs", num_cases=20, seed=4, size=(64, 64, 48), flips=False, progress=False)
-    run(["nnUNetv2_convert_MMWHS", "-i", str(workdir / "mmwhs" / "ct_train"), "-a",
-         str(workdir / "mmwhs" / "landmarks.csv"), "-d", str(DATASET_ID), "--name", NAME, "--landmarks", "apex",
-         "--folds", "10"], env)
-    run(["nnUNetv2_plan_and_preprocess", "-d", str(DATASET_ID), "-pl", "nnUNetPlannerResEncM", "-c", "3d_fullres",
-         "-np", "2"], env)
-    add_small_configuration(plans, name=CONFIG, patch_size=(32, 32, 32), features_per_stage=(8, 16, 32, 64),
-                            batch_size=2)
-    return Path(env["nnUNet_raw"]) / dataset
+    return prepare_phantom_dataset(env, DATASET_ID, workdir / "mmwhs", name=NAME, landmarks=["apex"], folds=10,
+                                   num_cases=20, seed=4, size=(64, 64, 48), flips=False, phantom_progress=False,
+                                   small_configuration={"name": CONFIG}).raw
 
 
 def evaluate(model_folder: Path, test_root: Path, truth: dict) -> dict:
@@ -98,6 +74,7 @@ def evaluate(model_folder: Path, test_root: Path, truth: dict) -> dict:
     from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
     from nnunetv2.inference.data_iterators import PreprocessAdapterFromNpy
 
+    from nnunet_landmark.evaluation.metrics import landmark_error_mm
     from nnunet_landmark.geometry import CaseGeometry
     from nnunet_landmark.inference import decode_landmarks, nnUNetLandmarkPredictor
 
@@ -114,7 +91,7 @@ def evaluate(model_folder: Path, test_root: Path, truth: dict) -> dict:
         heatmap_logits = logits[heads.num_segmentation_heads:]
         decoded = decode_landmarks(heatmap_logits, item["data_properties"], predictor.plans_manager,
                                    predictor.configuration_manager, heads, case)
-        errors.append(float(np.linalg.norm(decoded["apex"]["world"] - landmarks["apex"])))
+        errors.append(landmark_error_mm(decoded["apex"]["world"], landmarks["apex"]))
         geometry = CaseGeometry.from_nnunet(item["data_properties"], predictor.plans_manager.transpose_forward,
                                             predictor.configuration_manager.spacing)
         heatmap = 1 / (1 + np.exp(-heatmap_logits[0].astype(np.float64)))
@@ -148,23 +125,24 @@ def main(argv: list[str] | None = None) -> None:
     truth = write_mmwhs_phantoms(workdir / "unseen", num_cases=args.unseen, seed=91, size=(64, 64, 48), flips=False,
                                  first_case=3001, progress=False)
 
-    from nnunet_landmark.baselines import MeanPositionBaseline
+    from nnunet_landmark.evaluation.baselines import fit_mean_positions
+    from nnunet_landmark.evaluation.metrics import landmark_error_mm
     from nnunet_landmark.geometry import ImageGeometry
-    from nnunet_landmark.landmark_files import read_markups
+    from nnunet_landmark.phantom_dataset import run_console_script
+    from nnunet_landmark.results_folder import results_folder
     train_cases = json.loads((raw / "splits_final.json").read_text())[0]["train"]
-    baseline = MeanPositionBaseline().fit([(ImageGeometry.from_file(raw / "imagesTr" / f"{c}_0000.nii.gz"),
-                                            read_markups(raw / "landmarksTr" / f"{c}.mrk.json")["apex"])
-                                           for c in train_cases])
-    baseline_errors = [float(np.linalg.norm(baseline.predict(ImageGeometry.from_file(
-        workdir / "unseen" / "ct_train" / f"{case}_image.nii.gz")) - lm["apex"])) for case, lm in truth.items()]
+    baseline = fit_mean_positions(raw, train_cases, ["apex"])["apex"]
+    baseline_errors = [landmark_error_mm(baseline.predict(ImageGeometry.from_file(
+        workdir / "unseen" / "ct_train" / f"{case}_image.nii.gz")), lm["apex"]) for case, lm in truth.items()]
 
     results = {}
     for variant in args.variants:
         trainer = trainer_name(variant)
-        model = workdir / "nnUNet_results" / raw.name / f"{trainer}__{PLANS}__{CONFIG}"
+        model = results_folder(raw.name, trainer, PLANS, CONFIG)
         start = time.perf_counter()
         if not (model / "fold_0" / "checkpoint_final.pth").exists():
-            run(["nnUNetv2_train", str(DATASET_ID), CONFIG, "0", "-tr", trainer, "-p", PLANS, "-device", "cpu"], env)
+            run_console_script(["nnUNetv2_train", str(DATASET_ID), CONFIG, "0", "-tr", trainer, "-p", PLANS, "-device",
+                                "cpu"], env)
         results[variant] = {"description": VARIANTS[variant][0], "train_seconds": time.perf_counter() - start,
                             **evaluate(model, workdir / "unseen", truth)}
         print(variant, f"{np.mean(results[variant]['errors_mm']):.2f} mm", flush=True)

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -34,41 +33,24 @@ DATASETS = {1: (951, "MMWHSScale_1landmark", ["apex"]),
             3: (953, "MMWHSScale_3landmarks", ["apex", "mitral_valve", "aortic_valve"])}
 
 
-def bin_path(name: str) -> str:
-    candidate = Path(sys.executable).parent / name
-    return str(candidate) if candidate.exists() else name
-
-
 def environment() -> dict:
     return {"nnUNet_raw": str(WORKDIR / "raw"), "nnUNet_preprocessed": str(WORKDIR / "preprocessed"),
             "nnUNet_results": str(WORKDIR / "results"), "nnUNet_compile": "0"}
 
 
-def run(command: list[str]) -> None:
-    print("  $", " ".join(command), flush=True)
-    result = subprocess.run(command, env={**os.environ, **environment()}, capture_output=True, text=True)
-    if result.returncode != 0:
-        raise RuntimeError(f"{' '.join(command)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
-
-
 def prepare(cases: int) -> None:
     """MM-WHS-size phantoms, converted with 1 and 3 landmarks, planned and preprocessed (cached)."""
-    from nnunet_landmark.phantoms import LANDMARK_NAMES, write_mmwhs_phantoms
+    from nnunet_landmark.phantom_dataset import prepare_phantom_dataset
+    from nnunet_landmark.phantoms import LANDMARK_NAMES
 
     phantoms = WORKDIR / "mmwhs"
-    if not (phantoms / "landmarks.csv").exists():
-        print(f"generating {cases} MM-WHS-size phantoms ...", flush=True)
-        write_mmwhs_phantoms(phantoms, cases, seed=11, size="realistic")
-    for k, (dataset_id, name, landmarks) in DATASETS.items():
-        folder = f"Dataset{dataset_id:03d}_{name}"
-        if (WORKDIR / "preprocessed" / folder / f"{PLANS}.json").exists():
-            continue
-        annotations = [f"{n}={phantoms / n}" if n != "apex" else str(phantoms / "apex") for n in LANDMARK_NAMES]
-        run([bin_path("nnUNetv2_convert_MMWHS"), "-i", str(phantoms / "ct_train"), "-a", *annotations,
-             "-d", str(dataset_id), "--name", name, "--landmarks", *landmarks, "--folds", "2", "--overwrite"])
+    # the landmarks' sphere masks, one folder each
+    annotations = [f"{n}={phantoms / n}" if n != "apex" else str(phantoms / "apex") for n in LANDMARK_NAMES]
+    for dataset_id, name, landmarks in DATASETS.values():
         # one process: a 512 x 512 x 300 case needs several GiB while it is resampled
-        run([bin_path("nnUNetv2_plan_and_preprocess"), "-d", str(dataset_id), "-pl", "nnUNetPlannerResEncM",
-             "-c", "3d_fullres", "-np", "1", "-npfp", "1"])
+        prepare_phantom_dataset(environment(), dataset_id, phantoms, name=name, landmarks=landmarks, folds=2,
+                                num_cases=cases, seed=11, size="realistic", annotations=annotations, processes=1,
+                                fingerprint_processes=1, overwrite=True, small_configuration=False, echo=True)
 
 
 def loaders(k: int):

@@ -14,7 +14,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import tempfile
@@ -30,16 +29,12 @@ DATASET = "Dataset899_MMWHS_LVApex"
 PLANS = "nnUNetResEncUNetMPlans"
 
 
-def bin_path(name: str) -> str:
-    candidate = Path(sys.executable).parent / name
-    return str(candidate) if candidate.exists() else name
-
-
 def run(command: list[str], env: dict) -> float:
+    """Seconds a console script took (``run_console_script``)."""
+    from nnunet_landmark.phantom_dataset import run_console_script
+
     start = time.perf_counter()
-    result = subprocess.run(command, env={**os.environ, **env}, capture_output=True, text=True)
-    if result.returncode != 0:
-        raise RuntimeError(f"{' '.join(command)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+    run_console_script(command, env)
     return time.perf_counter() - start
 
 
@@ -59,20 +54,17 @@ def machine() -> str:
 
 def prepare(workdir: Path, gpu: bool, cases: int) -> tuple[dict, str]:
     from nnunet_landmark.cpu_plans import add_small_configuration, patch_size_for
-    from nnunet_landmark.phantoms import write_mmwhs_phantoms
+    from nnunet_landmark.phantom_dataset import prepare_phantom_dataset
 
     env = {"nnUNet_raw": str(workdir / "raw"), "nnUNet_preprocessed": str(workdir / "preprocessed"),
            "nnUNet_results": str(workdir / "results"), "nnUNet_n_proc_DA": os.environ.get("nnUNet_n_proc_DA", "2"),
            "nnUNet_def_n_proc": "2", "nnUNet_compile": "0"}
-    if not (workdir / "preprocessed" / DATASET).is_dir():
-        write_mmwhs_phantoms(workdir / "mmwhs", cases, seed=5, size="small" if gpu else "tiny", flips=False)
-        run([bin_path("nnUNetv2_convert_MMWHS"), "-i", str(workdir / "mmwhs" / "ct_train"), "-a",
-             str(workdir / "mmwhs" / "landmarks.csv"), "-d", str(DATASET_ID), "--folds", "5"], env)
-        run([bin_path("nnUNetv2_plan_and_preprocess"), "-d", str(DATASET_ID), "-pl", "nnUNetPlannerResEncM", "-c",
-             "3d_fullres", "-np", "2"], env)
+    plans_file = prepare_phantom_dataset(env, DATASET_ID, workdir / "mmwhs", folds=5, num_cases=cases, seed=5,
+                                         size="small" if gpu else "tiny", flips=False,
+                                         small_configuration=False).plans_file
     if gpu:
         return env, "3d_fullres"
-    plans_file = workdir / "preprocessed" / DATASET / f"{PLANS}.json"
+    # a wider network than the tests' 3d_cpu, on a patch covering the whole (tiny) image
     median = json.loads(plans_file.read_text())["configurations"]["3d_fullres"]["median_image_size_in_voxels"]
     add_small_configuration(plans_file, name="3d_cpu", patch_size=patch_size_for(median),
                             features_per_stage=(16, 32, 64, 128), batch_size=2)
@@ -163,6 +155,8 @@ def data_loader_benchmark(env: dict, configuration: str, batches: int) -> dict:
 
 def prediction_benchmark(env: dict, configuration: str, device: str, workdir: Path, cases: int) -> dict:
     """Wall time of nnUNetv2_predict (model loading included) for a landmark and a plain model of the same size."""
+    from nnunet_landmark.results_folder import results_folder
+
     inputs = workdir / "predict_in"
     inputs.mkdir(exist_ok=True)
     images = sorted((Path(env["nnUNet_raw"]) / DATASET / "imagesTr").glob("*_0000.nii.gz"))[:cases]
@@ -171,15 +165,15 @@ def prediction_benchmark(env: dict, configuration: str, device: str, workdir: Pa
             (inputs / image.name).symlink_to(image)
     results = {}
     for label, trainer in (("landmark", "nnUNetTrainerLandmark_cpu_smoke"), ("plain", "nnUNetTrainer_cpu_smoke")):
-        folder = Path(env["nnUNet_results"]) / DATASET / f"{trainer}__{PLANS}__{configuration}" / "fold_0"
+        folder = results_folder(DATASET, trainer, PLANS, configuration, 0, results=env["nnUNet_results"])
         if not (folder / "checkpoint_final.pth").exists():
-            run([bin_path("nnUNetv2_train"), str(DATASET_ID), configuration, "0", "-tr", trainer, "-p", PLANS,
+            run(["nnUNetv2_train", str(DATASET_ID), configuration, "0", "-tr", trainer, "-p", PLANS,
                  "-device", device], env)
     for tta in (False, True):
         for repeat in range(2):
             for label, trainer in (("plain", "nnUNetTrainer_cpu_smoke"), ("landmark", "nnUNetTrainerLandmark_cpu_smoke")):
                 out = workdir / f"predict_{label}_{tta}_{repeat}"
-                seconds = run([bin_path("nnUNetv2_predict"), "-i", str(inputs), "-o", str(out), "-d", str(DATASET_ID),
+                seconds = run(["nnUNetv2_predict", "-i", str(inputs), "-o", str(out), "-d", str(DATASET_ID),
                                "-c", configuration, "-f", "0", "-tr", trainer, "-p", PLANS, "-device", device,
                                "-npp", "1", "-nps", "1"] + ([] if tta else ["--disable_tta"]), env)
                 key = f"{label}_{'tta' if tta else 'no_tta'}"
