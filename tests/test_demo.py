@@ -21,6 +21,7 @@ from conftest import run_cli
 from nnunet_landmark.demo import FIXED_COLOUR, LANDMARKS, MAX_ROTATION_DEGREES, MAX_TRANSLATION_MM, MOVED_COLOUR
 from nnunet_landmark.evaluation.metrics import dice
 from nnunet_landmark.landmark_files import read_landmark_csv, read_landmark_table, read_markups
+from nnunet_landmark.results_folder import results_folder
 
 pytestmark = pytest.mark.slow
 
@@ -149,8 +150,8 @@ def test_demo_runs_the_whole_workflow_and_reports_finite_numbers(tmp_path):
     links = [line[line.index("](") + 2:-1] for line in text.splitlines() if line.startswith("![")]
     assert links and all((report.parent / link).is_file() for link in links), links
     # the cross-validation fold: both held-out cases with a finite Dice and landmark error
-    validation = out / "nnUNet_results" / "Dataset850_MMWHSPhantoms" / \
-        f"{LANDMARK_TRAINER}__nnUNetResEncUNetMPlans__3d_cpu" / "fold_0" / "validation"
+    validation = results_folder("Dataset850_MMWHSPhantoms", LANDMARK_TRAINER, "nnUNetResEncUNetMPlans", "3d_cpu", 0,
+                                results=out / "nnUNet_results") / "validation"
     summary = json.loads((validation / "landmark_summary.json").read_text())
     assert len(summary["per_case"]) == 2
     assert all(math.isfinite(v) for case in summary["per_case"].values() for v in case.values())

@@ -22,6 +22,7 @@ import torch
 from conftest import BIN, CONFIG, PLANS, environment, run_cli
 from nnunet_landmark.geometry import ImageGeometry
 from nnunet_landmark.landmark_files import read_landmark_table, read_markups
+from nnunet_landmark.results_folder import results_folder as nnunet_results_folder
 
 pytestmark = pytest.mark.slow
 
@@ -33,7 +34,7 @@ PLAIN_TRAINER = "nnUNetTrainer_cpu_smoke"
 
 
 def results_folder(env, trainer: str) -> Path:
-    return Path(env["nnUNet_results"]) / DATASET / f"{trainer}__{PLANS}__{CONFIG}"
+    return nnunet_results_folder(DATASET, trainer, PLANS, CONFIG, results=env["nnUNet_results"])
 
 
 def train(env, trainer: str, fold: int = 0, *extra: str):
@@ -388,7 +389,7 @@ def test_exported_model_installs_into_an_empty_results_folder_and_predicts(landm
     archive = tmp_path / "model.zip"
     run_cli(["nnUNetv2_export_model_to_zip", "-d", str(DATASET_ID), "-o", str(archive), "-c", CONFIG,
              "-tr", LANDMARK_TRAINER, "-p", PLANS, "-f", "0"], env)
-    model = f"{DATASET}/{LANDMARK_TRAINER}__{PLANS}__{CONFIG}"
+    model = results_folder(env, LANDMARK_TRAINER).relative_to(env["nnUNet_results"]).as_posix()
     assert {f"{model}/plans.json", f"{model}/fold_0/checkpoint_final.pth"} <= set(zipfile.ZipFile(archive).namelist())
     elsewhere = {key: str(tmp_path / "elsewhere" / key) for key in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")}
     for folder in elsewhere.values():

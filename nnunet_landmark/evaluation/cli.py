@@ -39,7 +39,9 @@ def _dataset_name(dataset: str) -> str:
 
 
 def _results_folder(dataset_name: str, trainer: str, plans: str, configuration: str) -> Path:
-    folder = _nnunet_folder("nnUNet_results") / dataset_name / f"{trainer}__{plans}__{configuration}"
+    from nnunet_landmark.results_folder import results_folder
+
+    folder = results_folder(dataset_name, trainer, plans, configuration, results=_nnunet_folder("nnUNet_results"))
     if not folder.is_dir():
         raise EvaluationError(f"{folder}: no trained model; check -tr/-p/-c (train with nnUNetv2_train "
                               f"{dataset_name} {configuration} FOLD -tr {trainer} -p {plans})")
