@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import csv
 import json
-import math
 import os
 from collections import OrderedDict
 from typing import Iterable, Mapping
@@ -273,8 +272,3 @@ def read_landmark_file(path: str | os.PathLike, name: str | None = None,
             raise ValueError(f"{p}: a sphere mask holds one unnamed landmark; say which landmark it is")
         return OrderedDict([(name, read_sphere_mask(p, reference))])
     raise LandmarkFileError(f"{p}: unknown landmark file type; use .mrk.json, a CSV or a sphere mask (.nii.gz)")
-
-
-def landmark_distance_mm(a, b) -> float:
-    """Euclidean distance between two world points."""
-    return float(math.dist(np.asarray(a, dtype=float), np.asarray(b, dtype=float)))

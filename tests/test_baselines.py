@@ -163,16 +163,6 @@ def test_fit_mean_positions_on_a_raw_dataset_three_landmarks(tmp_path):
         fit_mean_positions(tmp_path, ["case_0"])
 
 
-def test_old_import_path_is_the_same_code():
-    """``nnunet_landmark.baselines`` (still imported by demo.py, benchmarks and other tests) re-exports."""
-    import nnunet_landmark.baselines as old
-    import nnunet_landmark.evaluation.baselines as new
-
-    for name in ("MeanPositionBaseline", "apex_from_segmentation", "fit_mean_positions", "BaselineError",
-                 "leave_one_out_errors", "image_centre"):
-        assert getattr(old, name) is getattr(new, name)
-
-
 def test_base_centre_is_the_middle_of_the_flat_end_and_the_apex_the_other_end():
     """A half-ellipsoid cut flat at x = 0 (semi-axes 30, 12, 10 mm, 1 mm voxels): the base rule returns the centre of
     the cut disc, the tip rule the far end, each within a voxel."""

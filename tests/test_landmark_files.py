@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
+from nnunet_landmark.evaluation.metrics import landmark_error_mm
 from nnunet_landmark.geometry import ImageGeometry, lps_to_ras
-from nnunet_landmark.landmark_files import (LandmarkFileError, format_landmark_rows, landmark_distance_mm,
-                                            read_landmark_csv, read_landmark_file, read_landmark_table,
-                                            read_markups, read_sphere_mask, render_sphere_mask, write_landmark_csv,
-                                            write_markups, write_sphere_mask)
+from nnunet_landmark.landmark_files import (LandmarkFileError, format_landmark_rows, read_landmark_csv,
+                                            read_landmark_file, read_landmark_table, read_markups, read_sphere_mask,
+                                            render_sphere_mask, write_landmark_csv, write_markups, write_sphere_mask)
 
 
 def rotation(axis, degrees) -> np.ndarray:
@@ -360,4 +360,4 @@ def test_dispatch_and_distance(tmp_path):
     other.write_text("1,2,3")
     with pytest.raises(LandmarkFileError, match=re.escape(str(other)) + ".*unknown landmark file type"):
         read_landmark_file(other)
-    assert landmark_distance_mm([0, 0, 0], [3, 4, 12]) == 13.0
+    assert landmark_error_mm([0, 0, 0], [3, 4, 12]) == 13.0

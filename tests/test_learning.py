@@ -15,7 +15,7 @@ import pytest
 import SimpleITK as sitk
 
 from conftest import CONFIG, PLANS, run_cli, shared_data
-from nnunet_landmark.baselines import MeanPositionBaseline
+from nnunet_landmark.evaluation.baselines import MeanPositionBaseline
 from nnunet_landmark.evaluation.metrics import dice
 from nnunet_landmark.geometry import ImageGeometry
 from nnunet_landmark.landmark_files import read_landmark_table, read_markups
