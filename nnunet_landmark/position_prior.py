@@ -29,7 +29,9 @@ import numpy as np
 ALL_FOREGROUND = 0  # structure key: every foreground label together (0 is never a foreground label in nnU-Net)
 PRIOR_FLOOR_MM = 1.0  # added to the prior's standard deviation in every direction (squared): a degenerate
 # covariance from few training cases must not pin the estimate to one point
-HEATMAP_TAU_MM = 10.0  # width of the heatmap likelihood; measured best of 3, 5, 10, 20 mm (benchmarks/ACCURACY.md)
+# width of the heatmap likelihood, the scale of a short budget's heatmap errors (10-20 mm at its extremum): of 5, 10,
+# 20 and 40 mm, 20 gave the best apex and mitral valve with little loss at the aortic valve (benchmarks/ACCURACY.md)
+HEATMAP_TAU_MM = 20.0
 MIN_CASES = 3
 SLAB_VOXELS = 1 << 20
 
