@@ -105,7 +105,7 @@ def main() -> None:
 
     from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
 
-    from nnunet_landmark.inference import nnUNetLandmarkPredictor
+    from nnunet_landmark.predictor import nnUNetLandmarkPredictor
 
     rows = []
     for fold in args.folds:

@@ -155,7 +155,7 @@ def child(name: str, mode: str, probabilities: bool, folder: Path) -> dict:
 
     from nnunet_landmark import inference
 
-    nnunet_integration.install()
+    nnunet_integration.install(export_prediction_with_landmarks)
     landmark_seconds = []
     export_landmarks = inference.export_landmarks
 

@@ -76,7 +76,8 @@ def evaluate(model_folder: Path, test_root: Path, truth: dict) -> dict:
 
     from nnunet_landmark.evaluation.metrics import landmark_error_mm
     from nnunet_landmark.geometry import CaseGeometry
-    from nnunet_landmark.inference import decode_landmarks, nnUNetLandmarkPredictor
+    from nnunet_landmark.inference import decode_landmarks
+    from nnunet_landmark.predictor import nnUNetLandmarkPredictor
 
     predictor = nnUNetLandmarkPredictor(tile_step_size=0.5, use_mirroring=False, device=torch.device("cpu"),
                                         allow_tqdm=False)

@@ -1,4 +1,4 @@
-"""Landmark export at prediction time, and a predictor for Python users.
+"""Landmark export at prediction time (the predictor class for Python users is in ``predictor``).
 
 ``export_prediction_with_landmarks`` has the signature of nnU-Net's ``export_prediction_from_logits``
 and is what ``nnunet_integration`` installs in its place. For a landmark model it exports the
@@ -23,13 +23,8 @@ the landmark files.
 from __future__ import annotations
 
 import csv
-import errno
 import os
-import random
-import socket
-import time
 from collections import OrderedDict
-from contextlib import contextmanager
 from typing import Union
 
 import numpy as np
@@ -37,7 +32,6 @@ import SimpleITK as sitk
 import torch
 from batchgenerators.utilities.file_and_folder_operations import load_json
 from nnunetv2.inference import export_prediction as nnunet_export
-from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 
 from nnunet_landmark import nnunet_integration
@@ -45,11 +39,10 @@ from nnunet_landmark.geometry import CaseGeometry
 from nnunet_landmark.heatmap import decode_heatmap
 from nnunet_landmark.landmark_files import format_landmark_rows, write_markups
 from nnunet_landmark.landmark_heads import LandmarkHeads
+from nnunet_landmark.layout import HEATMAP_FOLDER, LANDMARK_TABLE, locked_folder
 from nnunet_landmark.position_prior import affine_of, combine_with_heatmap, pooled_prediction, structure_moments
 
-LANDMARK_TABLE = "landmarks.csv"
 TABLE_EXTRA_COLUMNS = ("i", "j", "k", "confidence", "heatmap_x", "heatmap_y", "heatmap_z", "estimator")
-HEATMAP_FOLDER = "heatmaps"
 
 # the function nnU-Net exports segmentations with, captured before nnunet_integration replaces the names
 # that point to it
@@ -179,85 +172,6 @@ def decode_landmarks(heatmap_logits: Union[np.ndarray, torch.Tensor], properties
     return out
 
 
-# flock fails with these where a file system has no locking (Lustre mounted noflock, some NFS and FUSE mounts)
-NO_LOCKING_ERRNOS = {errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOLCK}
-LOCK_FILE = ".landmarks.csv.lock"
-
-
-@contextmanager
-def _locked_folder(folder: str, timeout: float = 900.0, stale_after: float = 120.0):
-    """An exclusive lock on a folder, so export workers (and DDP ranks) can update one table in turn.
-
-    ``flock`` on the folder where the file system supports it; elsewhere (and on Windows) a lock file that
-    ``_lock_file`` creates atomically.
-    """
-    try:
-        import fcntl
-    except ImportError:
-        fcntl = None
-    if fcntl is not None:
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-        except OSError as error:
-            os.close(fd)
-            if error.errno not in NO_LOCKING_ERRNOS:
-                raise
-        else:
-            try:
-                yield
-            finally:
-                fcntl.flock(fd, fcntl.LOCK_UN)
-                os.close(fd)
-            return
-    with _lock_file(os.path.join(folder, LOCK_FILE), timeout, stale_after):
-        yield
-
-
-@contextmanager
-def _lock_file(path: str, timeout: float, stale_after: float):
-    """Hold ``path``, created with O_CREAT | O_EXCL (atomic on local, NFSv3+ and Lustre file systems).
-
-    A lock older than ``stale_after`` seconds is left by a process that died while holding it (a table update
-    takes milliseconds): it is renamed away, which only one waiter can do. After ``timeout`` seconds of
-    waiting, TimeoutError names the file.
-    """
-    deadline = time.monotonic() + timeout
-    delay = 0.005
-    while True:
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            break
-        except FileExistsError:
-            pass
-        try:
-            age = time.time() - os.stat(path).st_mtime
-        except FileNotFoundError:
-            continue  # released in the meantime
-        if age > stale_after:
-            stale = f"{path}.stale.{socket.gethostname()}.{os.getpid()}"
-            try:
-                os.rename(path, stale)
-                os.unlink(stale)
-            except FileNotFoundError:
-                pass
-            continue
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{path}: waited {timeout:.0f} s for another process to finish updating "
-                               f"{LANDMARK_TABLE}; if no prediction is writing to this folder, delete the file")
-        time.sleep(delay * (1.0 + random.random()))
-        delay = min(2 * delay, 0.2)
-    try:
-        os.write(fd, f"{socket.gethostname()} {os.getpid()}\n".encode())
-        os.close(fd)
-        yield
-    finally:
-        try:
-            os.unlink(path)
-        except FileNotFoundError:
-            pass
-
-
 def update_landmark_table(folder: str, case: str, landmarks: "OrderedDict[str, dict]") -> None:
     """Replace ``case``'s rows of ``folder/landmarks.csv`` (creating it), keeping other cases' rows."""
     path = os.path.join(folder, LANDMARK_TABLE)
@@ -266,7 +180,7 @@ def update_landmark_table(folder: str, case: str, landmarks: "OrderedDict[str, d
                  "k": float(v["index"][2]), "confidence": float(v["confidence"]),
                  **{f"heatmap_{axis}": float(c) for axis, c in zip("xyz", v.get("heatmap_world", v["world"]))},
                  "estimator": v.get("estimator", "heatmap")} for name, v in landmarks.items()]
-    with _locked_folder(folder):
+    with locked_folder(folder):
         rows = []
         if os.path.isfile(path):
             with open(path, newline="") as f:
@@ -369,47 +283,3 @@ def export_prediction_with_landmarks(predicted_array_or_file, properties_dict: d
     return export_segmentation_from_logits(predicted_array_or_file[:c], properties_dict, configuration_manager,
                                            plans_manager, dataset_json_dict_or_file, output_file_truncated,
                                            save_probabilities, **kwargs)
-
-
-class nnUNetLandmarkPredictor(nnUNetPredictor):
-    """nnU-Net's predictor for landmark models, from Python.
-
-    ``predict_from_files`` & co. work as in nnU-Net and also write landmarks (see the module docstring).
-    ``predict_single_npy_array_with_landmarks`` returns the segmentation and the landmarks in memory.
-    """
-
-    def __init__(self, *args, **kwargs):
-        nnunet_integration.install()
-        super().__init__(*args, **kwargs)
-
-    @property
-    def landmark_heads(self) -> LandmarkHeads:
-        heads = LandmarkHeads.from_plans(self.plans_manager.plans) if self.plans_manager is not None else None
-        if heads is None:
-            raise RuntimeError("this predictor holds no landmark model (its plans.json has no 'nnunet_landmark' "
-                               "entry); it was trained with a plain nnU-Net trainer")
-        return heads
-
-    def predict_single_npy_array_with_landmarks(self, input_image: np.ndarray, image_properties: dict,
-                                                refine: bool = True):
-        """(segmentation, landmarks) for one image already loaded as nnU-Net's reader loads it.
-
-        ``image_properties`` must hold ``spacing`` and, for world coordinates, ``sitk_stuff`` (what
-        ``SimpleITKIO().read_images`` returns). Landmarks: {name: {"world", "index", "confidence"}}.
-        """
-        from nnunetv2.inference.data_iterators import PreprocessAdapterFromNpy
-
-        heads = self.landmark_heads
-        adapter = PreprocessAdapterFromNpy([input_image], [None], [image_properties], [None], self.plans_manager,
-                                           self.dataset_json, self.configuration_manager,
-                                           num_threads_in_multithreaded=1, verbose=self.verbose)
-        item = next(adapter)
-        logits = self.predict_logits_from_preprocessed_data(item["data"]).cpu()
-        c = heads.num_segmentation_heads
-        segmentation = nnunet_export.convert_predicted_logits_to_segmentation_with_correct_shape(
-            logits[:c], self.plans_manager, self.configuration_manager,
-            self.plans_manager.get_label_manager(self.dataset_json), item["data_properties"])
-        landmarks = decode_landmarks(logits[c:], item["data_properties"], self.plans_manager,
-                                     self.configuration_manager, heads, refine=refine, segmentation_logits=logits[:c],
-                                     label_manager=self.plans_manager.get_label_manager(self.dataset_json))
-        return segmentation, landmarks

@@ -16,7 +16,7 @@ import os
 from dataclasses import dataclass, field
 
 from nnunet_landmark.heatmap import HeatmapEncoding
-from nnunet_landmark.layout import atomic_write_json, check_landmark_names
+from nnunet_landmark.layout import atomic_write_json, check_landmark_names, locked_folder
 from nnunet_landmark.position_prior import PositionPrior
 
 PLANS_KEY = "nnunet_landmark"
@@ -78,9 +78,7 @@ def record_position_prior(plans_file: str, fold_key: str, prior: PositionPrior |
     """
     from batchgenerators.utilities.file_and_folder_operations import load_json
 
-    from nnunet_landmark.inference import _locked_folder
-
-    with _locked_folder(os.path.dirname(os.path.abspath(plans_file))):
+    with locked_folder(os.path.dirname(os.path.abspath(plans_file))):
         plans = load_json(plans_file)
         priors = plans.setdefault(PLANS_KEY, {}).setdefault(PRIORS_KEY, {})
         for key, value in (keep or {}).items():

@@ -10,8 +10,8 @@ models run nnU-Net's code unchanged:
 2. Segmentation export argmaxes every channel. The name ``export_prediction_from_logits`` that
    ``nnunetv2.inference.predict_from_raw_data`` (``nnUNetv2_predict``, ``..._from_modelfolder``) and
    ``nnunetv2.training.nnUNetTrainer.nnUNetTrainer`` (final validation) call is pointed to
-   ``inference.export_prediction_with_landmarks``, which exports C channels with nnU-Net's function and
-   the landmarks from the other K.
+   ``inference.export_prediction_with_landmarks`` (handed to ``install``), which exports C channels with nnU-Net's
+   function and the landmarks from the other K.
 3. ``nnUNetTrainer.get_dataloaders`` constructs ``nnUNetDataLoader`` by name; ``data_loader_class``
    substitutes the landmark loader while a landmark trainer builds its loaders.
 4. Landmark keypoints through augmentation (``training.keypoint_transforms``) rely on batchgeneratorsv2's
@@ -254,8 +254,10 @@ def _keypoint_convention_problems() -> list[str]:
     return problems
 
 
-def install() -> None:
-    """Apply the adaptations (idempotent). Plain nnU-Net models are unaffected by them."""
+def install(export_function: Callable) -> None:
+    """Apply the adaptations (idempotent), exporting with ``export_function`` (``inference``'s
+    ``export_prediction_with_landmarks``; passed in so that this module imports nothing of ours that imports it).
+    Plain nnU-Net models are unaffected by them."""
     global _installed
     if _installed:
         return
@@ -267,14 +269,12 @@ def install() -> None:
     from nnunetv2.inference import predict_from_raw_data
     from nnunetv2.training.nnUNetTrainer import nnUNetTrainer as trainer_module
 
-    from nnunet_landmark.inference import export_prediction_with_landmarks
-
     predictor = predict_from_raw_data.nnUNetPredictor
     if not getattr(predictor.predict_sliding_window_return_logits, "_nnunet_landmark", False):
         predictor.predict_sliding_window_return_logits = _wrap_sliding_window(
             predictor.predict_sliding_window_return_logits)
-    predict_from_raw_data.export_prediction_from_logits = export_prediction_with_landmarks
-    trainer_module.export_prediction_from_logits = export_prediction_with_landmarks
+    predict_from_raw_data.export_prediction_from_logits = export_function
+    trainer_module.export_prediction_from_logits = export_function
     _installed = True
 
 

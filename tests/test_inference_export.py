@@ -279,7 +279,7 @@ def tiny_landmark_predictor(tile_step_size: float, patch=(16, 24, 24)):
     import torch
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
-    from nnunet_landmark.inference import nnUNetLandmarkPredictor
+    from nnunet_landmark.predictor import nnUNetLandmarkPredictor
 
     plans = plans_for((1.0, 1.0, 1.0), (0, 1, 2), patch)
     LandmarkHeads(("apex",), 2, HeatmapEncoding()).write_to_plans(plans)
@@ -412,7 +412,7 @@ def test_concurrent_table_updates_keep_every_row(tmp_path, no_flock):
     """Six processes (as nnU-Net's export workers) add 25 cases each to one landmarks.csv at the same time."""
     import multiprocessing
 
-    from nnunet_landmark.inference import LOCK_FILE
+    from nnunet_landmark.layout import LOCK_FILE
     from nnunet_landmark.landmark_files import read_landmark_table
 
     context = multiprocessing.get_context("fork")  # the package is imported already: quick to start
@@ -438,27 +438,27 @@ def test_lock_file_breaks_a_stale_lock_and_times_out_on_a_live_one(tmp_path, mon
     import os
     import time
 
-    from nnunet_landmark import inference
+    from nnunet_landmark import layout
 
     def flock(fd, operation):
         raise OSError(errno.EOPNOTSUPP, "Operation not supported")
 
     monkeypatch.setattr(fcntl, "flock", flock)
-    lock = tmp_path / inference.LOCK_FILE
+    lock = tmp_path / layout.LOCK_FILE
     lock.write_text("node17 4242\n")
     os.utime(lock, (time.time() - 3600, time.time() - 3600))  # left by a process that died an hour ago
-    with inference._locked_folder(str(tmp_path)):
+    with layout.locked_folder(str(tmp_path)):
         assert lock.read_text().split()[1] == str(os.getpid())
     assert not lock.exists()
     lock.write_text("node17 4242\n")  # held right now by someone else
     start = time.monotonic()
     with pytest.raises(TimeoutError, match="delete the file"):
-        with inference._locked_folder(str(tmp_path), timeout=0.5):
+        with layout.locked_folder(str(tmp_path), timeout=0.5):
             pass
     assert 0.5 <= time.monotonic() - start < 5
     monkeypatch.setattr(fcntl, "flock", lambda fd, op: (_ for _ in ()).throw(OSError(errno.EBADF, "bad")))
     with pytest.raises(OSError, match="bad"):  # other flock errors are not taken for "no locking here"
-        with inference._locked_folder(str(tmp_path)):
+        with layout.locked_folder(str(tmp_path)):
             pass
 
 

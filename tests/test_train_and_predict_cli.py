@@ -278,7 +278,7 @@ def in_process_logits(env, model_folder: Path, folds, image: Path, use_mirroring
     from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
     from nnunetv2.inference.data_iterators import PreprocessAdapterFromNpy
 
-    from nnunet_landmark.inference import nnUNetLandmarkPredictor
+    from nnunet_landmark.predictor import nnUNetLandmarkPredictor
     with environment(env):
         predictor = nnUNetLandmarkPredictor(use_mirroring=use_mirroring, device=torch.device("cpu"), allow_tqdm=False)
         predictor.initialize_from_trained_model_folder(str(model_folder), folds, "checkpoint_final.pth")
@@ -351,8 +351,12 @@ def test_predict_with_tta_two_folds_probabilities_and_continue(pretrained_fold, 
     decoded = decode_landmarks(logits[2:], pre_properties, predictor.plans_manager, predictor.configuration_manager,
                                predictor.landmark_heads, segmentation_logits=logits[:2],
                                label_manager=predictor.plans_manager.get_label_manager(predictor.dataset_json))
-    # both folds' position priors are pooled
-    assert len(predictor.landmark_heads.position_priors) == 2
+    # every trained fold recorded its position prior (other tests of this session train further folds of this
+    # model), and prediction pools them all
+    folds = {p.name for p in landmark_model["folder"].glob("fold_*")}
+    recorded = json.loads((landmark_model["folder"] / "plans.json").read_text())["nnunet_landmark"]["position_priors"]
+    assert {"fold_0", "fold_1"} <= folds and set(recorded) == folds
+    assert len(predictor.landmark_heads.position_priors) == len(folds)
     markups = read_markups(out / f"{case}.mrk.json")
     for name in LANDMARKS:
         np.testing.assert_allclose(markups[name], decoded[name]["world"], atol=1e-2)
@@ -455,7 +459,7 @@ def test_plain_models_predict_exactly_as_before(plain_model, single_input, tmp_p
 def test_python_predictor_returns_segmentation_and_landmarks(landmark_model, single_input, tmp_path):
     from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
 
-    from nnunet_landmark.inference import nnUNetLandmarkPredictor
+    from nnunet_landmark.predictor import nnUNetLandmarkPredictor
 
     env, (inputs, cases) = landmark_model["env"], single_input
     out = tmp_path / "pred_ref"

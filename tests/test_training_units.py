@@ -262,16 +262,17 @@ def test_landmark_label_manager():
 
 def test_nnunet_internals_are_as_checked():
     """Fails loudly if nnU-Net moves what nnunet_integration adapts (checked against 2.8.1)."""
-    nnunet_integration.check_internals()
-    nnunet_integration.install()
     from nnunetv2.inference import predict_from_raw_data
     from nnunetv2.training.nnUNetTrainer import nnUNetTrainer as trainer_module
 
     from nnunet_landmark.inference import export_prediction_with_landmarks
+
+    nnunet_integration.check_internals()
+    nnunet_integration.install(export_prediction_with_landmarks)
     assert predict_from_raw_data.export_prediction_from_logits is export_prediction_with_landmarks
     assert trainer_module.export_prediction_from_logits is export_prediction_with_landmarks
     assert getattr(predict_from_raw_data.nnUNetPredictor.predict_sliding_window_return_logits, "_nnunet_landmark")
-    nnunet_integration.install()  # idempotent: no double wrapping
+    nnunet_integration.install(export_prediction_with_landmarks)  # idempotent: no double wrapping
     wrapped = predict_from_raw_data.nnUNetPredictor.predict_sliding_window_return_logits
     assert not getattr(wrapped.__wrapped__, "_nnunet_landmark", False)
 
@@ -308,3 +309,16 @@ def test_validation_swaps_are_undone_even_on_errors():
         assert trainer.inference_allowed_mirroring_axes is None
     assert trainer.inference_allowed_mirroring_axes == (0, 1, 2)
     assert nnunet_integration.without_mirroring(("r", False, (8, 8, 8), (0, 1, 2))) == ("r", False, (8, 8, 8), None)
+
+
+def test_dependencies_run_one_way():
+    """predictor -> inference -> nnunet_integration: importing the integration (and running its checks) imports
+    neither the export nor the predictor."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from nnunet_landmark import nnunet_integration; nnunet_integration.check_internals(); "
+            "print(sorted(m for m in sys.modules if m in ('nnunet_landmark.inference', 'nnunet_landmark.predictor')))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().splitlines()[-1] == "[]"

@@ -27,6 +27,7 @@ from torch import distributed as dist
 
 from nnunet_landmark import nnunet_integration
 from nnunet_landmark.heatmap import HeatmapEncoding, decode_heatmap
+from nnunet_landmark.inference import export_prediction_with_landmarks
 from nnunet_landmark.evaluation.metrics import landmark_errors_mm
 from nnunet_landmark.landmark_files import LandmarkFileError, read_landmark_table, read_markups
 from nnunet_landmark.landmark_heads import (LandmarkHeads, landmark_names_from_dataset_json, record_position_prior,
@@ -38,7 +39,7 @@ from nnunet_landmark.training.landmark_targets import copy_raw_splits, fit_posit
 from nnunet_landmark.training.loss import SegmentationHeatmapLoss
 from nnunet_landmark.training.progress_logging import LandmarkLocalLogger
 
-nnunet_integration.install()
+nnunet_integration.install(export_prediction_with_landmarks)
 
 
 def _summary(values) -> dict:
