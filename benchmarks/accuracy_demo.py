@@ -29,21 +29,20 @@ sys.path.insert(0, str(HERE.parent))
 def evaluate_run(folder: Path) -> dict:
     """Rows of one demo output folder: {"landmark": [...], "plain": [...]} per unseen case."""
     from nnunet_landmark.demo import DATASET, LANDMARKS, evaluate_test_set
-    from nnunet_landmark.geometry import ImageGeometry
-    from nnunet_landmark.landmark_files import read_landmark_csv, read_markups
+    from nnunet_landmark.evaluation.baselines import fit_mean_positions
+    from nnunet_landmark.landmark_files import read_landmark_csv
 
     raw = folder / "nnUNet_raw" / DATASET
     truth = read_landmark_csv(folder / "unseen_phantoms" / "landmarks.csv")
     splits = json.loads((raw / "splits_final.json").read_text())
-    train_geometries = [(ImageGeometry.from_file(raw / "imagesTr" / f"{c}_0000.nii.gz"),
-                         read_markups(raw / "landmarksTr" / f"{c}.mrk.json")["apex"]) for c in splits[0]["train"]]
+    mean_position = fit_mean_positions(raw, splits[0]["train"], ["apex"])["apex"]
     predictions = sorted(folder.glob("predictions_*"))
     landmark = [p for p in predictions if "Landmark" in p.name]
     plain = [p for p in predictions if "Landmark" not in p.name]
     if len(landmark) != 1 or len(plain) != 1:
         raise SystemExit(f"{folder}: expected one predictions_<landmark trainer> and one predictions_<plain trainer>")
-    rows = {"landmark": evaluate_test_set(landmark[0], folder / "unseen_phantoms", truth, train_geometries),
-            "plain": evaluate_test_set(plain[0], folder / "unseen_phantoms", truth, train_geometries),
+    rows = {"landmark": evaluate_test_set(landmark[0], folder / "unseen_phantoms", truth, mean_position),
+            "plain": evaluate_test_set(plain[0], folder / "unseen_phantoms", truth, mean_position),
             "trainers": [landmark[0].name[len("predictions_"):], plain[0].name[len("predictions_"):]],
             "landmarks": list(LANDMARKS)}
     estimators = set()
@@ -56,9 +55,9 @@ def evaluate_run(folder: Path) -> dict:
     return rows
 
 
-def stats(values) -> str:
+def stats(values, digits: int = 2) -> str:
     v = np.asarray(values, dtype=float)
-    return f"{v.mean():.2f} / {np.median(v):.2f} / {v.max():.2f}"
+    return f"{v.mean():.{digits}f} / {np.median(v):.{digits}f} / {v.max():.{digits}f}"
 
 
 def group_markdown(label: str, runs: list[tuple[str, dict]]) -> str:
@@ -74,9 +73,9 @@ def group_markdown(label: str, runs: list[tuple[str, dict]]) -> str:
     def per_run(key):
         return ", ".join(f"{np.mean([key(r) for r in run['landmark']]):.3f}" for _, run in runs)
 
-    lines.append(f"| LV Dice, landmark model | {stats([r['dice'] for r in landmark])} | "
+    lines.append(f"| LV Dice, landmark model | {stats([r['dice'] for r in landmark], 3)} | "
                  f"{per_run(lambda r: r['dice'])} |")
-    lines.append(f"| LV Dice, plain nnU-Net | {stats([r['dice'] for r in plain])} | "
+    lines.append(f"| LV Dice, plain nnU-Net | {stats([r['dice'] for r in plain], 3)} | "
                  + ", ".join(f"{np.mean([r['dice'] for r in run['plain']]):.3f}" for _, run in runs) + " |")
     lines.append(f"| LV Dice, landmark - plain (paired) | {diff.mean():+.4f} (SD {diff.std(ddof=1):.4f}, "
                  f"min {diff.min():+.4f}) | " + ", ".join(

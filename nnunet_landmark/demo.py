@@ -61,30 +61,29 @@ class Step:
         print(f"\n[{self.number}/{self.total}] {title}  (elapsed {time.time() - self.start:.0f} s)", flush=True)
 
 
-def evaluate_test_set(prediction_folder: Path, test_root: Path, truth: dict, train_geometries: list) -> list[dict]:
-    """Per unseen case: LV Dice, the model's error per landmark (apex also as ``error_model_mm``), and both apex
-    baselines' errors (mm)."""
+def evaluate_test_set(prediction_folder: Path, test_root: Path, truth: dict, mean_position) -> list[dict]:
+    """Per unseen case: LV Dice, the model's error per landmark (apex also as ``error_model_mm``), the heatmap
+    extremum's, the rules' on the predicted LV and the apex's ``mean_position`` baseline (a fitted
+    ``MeanPositionBaseline``) errors (mm)."""
     import SimpleITK as sitk
 
-    from nnunet_landmark.evaluation.baselines import MeanPositionBaseline, apex_from_segmentation
-    from nnunet_landmark.evaluation.baselines import base_from_segmentation
-    from nnunet_landmark.evaluation.metrics import dice, landmark_errors_mm
+    from nnunet_landmark.evaluation.baselines import apex_from_segmentation, base_from_segmentation
+    from nnunet_landmark.evaluation.metrics import dice, landmark_error_mm, landmark_errors_mm
     from nnunet_landmark.geometry import ImageGeometry
     from nnunet_landmark.landmark_files import read_landmark_table, read_markups
 
-    mean_position = MeanPositionBaseline().fit(train_geometries)
     rows = []
     for case, landmarks in truth.items():
         geometry = ImageGeometry.from_file(test_root / "ct_train" / f"{case}_image.nii.gz")
         reference = sitk.GetArrayFromImage(sitk.ReadImage(str(test_root / "ct_train" / f"{case}_label.nii.gz")))
         predicted = sitk.GetArrayFromImage(sitk.ReadImage(str(prediction_folder / f"{case}.nii.gz")))
         row = {"case": case, "dice": dice(reference == LV_CAVITY, predicted == 1),
-               "error_tip_mm": float(np.linalg.norm(apex_from_segmentation(predicted, geometry, 1) - landmarks["apex"])),
-               "error_mean_position_mm": float(np.linalg.norm(mean_position.predict(geometry) - landmarks["apex"]))}
+               "error_tip_mm": landmark_error_mm(apex_from_segmentation(predicted, geometry, 1), landmarks["apex"]),
+               "error_mean_position_mm": landmark_error_mm(mean_position.predict(geometry), landmarks["apex"])}
         # the best rules on the predicted LV: its tip for the apex, the centre of its base for the valves
         base = base_from_segmentation(predicted, geometry, 1)
         row["rule_errors_mm"] = {name: row["error_tip_mm"] if name == "apex" else
-                                 float(np.linalg.norm(base - landmarks[name])) for name in LANDMARKS}
+                                 landmark_error_mm(base, landmarks[name]) for name in LANDMARKS}
         markups = prediction_folder / f"{case}.mrk.json"
         if markups.exists():
             row["landmark_errors_mm"] = landmark_errors_mm(read_markups(markups), landmarks, LANDMARKS)
@@ -274,10 +273,10 @@ def run_demo(argv: list[str] | None = None) -> None:
                      f"and --test_cases at least 2; got --cases {args.cases} --folds {args.folds} "
                      f"--test_cases {args.test_cases}")
 
+    from nnunet_landmark.evaluation.baselines import fit_mean_positions
     from nnunet_landmark.evaluation.study.compare import compare_to_plain
     from nnunet_landmark.evaluation.study.report import write_report
-    from nnunet_landmark.geometry import ImageGeometry
-    from nnunet_landmark.landmark_files import read_landmark_csv, read_markups
+    from nnunet_landmark.landmark_files import read_landmark_csv
     from nnunet_landmark.phantom_dataset import prepare_phantom_dataset, run_console_script
     from nnunet_landmark.phantoms import write_mmwhs_phantoms
     from nnunet_landmark.results_folder import results_folder
@@ -340,9 +339,8 @@ def run_demo(argv: list[str] | None = None) -> None:
     comparison = compare_to_plain(model(landmark_trainer), model(plain_trainer), raw, report_folder,
                                   folds=[args.fold], qc=True)
     splits = json.loads((raw / "splits_final.json").read_text())
-    train_geometries = [(ImageGeometry.from_file(raw / "imagesTr" / f"{c}_0000.nii.gz"),
-                         read_markups(raw / "landmarksTr" / f"{c}.mrk.json")["apex"]) for c in splits[args.fold]["train"]]
-    test_rows = {t: evaluate_test_set(predictions[t], unseen, truth, train_geometries) for t in predictions}
+    mean_position = fit_mean_positions(raw, splits[args.fold]["train"], ["apex"])["apex"]
+    test_rows = {t: evaluate_test_set(predictions[t], unseen, truth, mean_position) for t in predictions}
     (report_folder / "test_set.json").write_text(json.dumps(test_rows, indent=1))
 
     step("Alignment of the unseen phantoms to a randomly moved copy, from the predicted and from the true landmarks")

@@ -15,8 +15,8 @@ import pytest
 import SimpleITK as sitk
 
 from conftest import CONFIG, PLANS, run_cli, shared_data
-from nnunet_landmark.evaluation.baselines import MeanPositionBaseline
-from nnunet_landmark.evaluation.metrics import dice
+from nnunet_landmark.evaluation.baselines import fit_mean_positions
+from nnunet_landmark.evaluation.metrics import dice, landmark_error_mm
 from nnunet_landmark.geometry import ImageGeometry
 from nnunet_landmark.landmark_files import read_landmark_table, read_markups
 
@@ -46,15 +46,13 @@ def test_landmark_model_learns_on_cpu(learned_model, tmp_path):
     raw = Path(env["nnUNet_raw"]) / DATASET
     train_cases = json.loads((raw / "splits_final.json").read_text())[0]["train"]
     errors, baseline_errors, dices = {n: [] for n in LANDMARKS}, {n: [] for n in LANDMARKS}, []
+    baselines = fit_mean_positions(raw, train_cases, LANDMARKS)
     for name in LANDMARKS:
-        baseline = MeanPositionBaseline().fit([
-            (ImageGeometry.from_file(raw / "imagesTr" / f"{c}_0000.nii.gz"),
-             read_markups(raw / "landmarksTr" / f"{c}.mrk.json")[name]) for c in train_cases])
         for case, landmarks in truth.items():
             geometry = ImageGeometry.from_file(inputs / f"{case}_0000.nii.gz")
             predicted = read_markups(out / f"{case}.mrk.json")[name]
-            errors[name].append(np.linalg.norm(predicted - landmarks[name]))
-            baseline_errors[name].append(np.linalg.norm(baseline.predict(geometry) - landmarks[name]))
+            errors[name].append(landmark_error_mm(predicted, landmarks[name]))
+            baseline_errors[name].append(landmark_error_mm(baselines[name].predict(geometry), landmarks[name]))
     for case in truth:
         reference = sitk.GetArrayFromImage(sitk.ReadImage(str(test_root / "ct_train" / f"{case}_label.nii.gz"))) == 500
         prediction = sitk.GetArrayFromImage(sitk.ReadImage(str(out / f"{case}.nii.gz"))) == 1
@@ -68,7 +66,7 @@ def test_landmark_model_learns_on_cpu(learned_model, tmp_path):
     # against 8.8 / 23.7 for the heatmap extremum.
     table = read_landmark_table(out / "landmarks.csv")
     assert {r["estimator"] for r in table} == {"prior+heatmap"}
-    extremum_errors = {n: [np.linalg.norm(np.array([float(r[f"heatmap_{a}"]) for a in "xyz"]) - truth[r["case"]][n])
+    extremum_errors = {n: [landmark_error_mm([float(r[f"heatmap_{a}"]) for a in "xyz"], truth[r["case"]][n])
                            for r in table if r["name"] == n] for n in LANDMARKS}
     print(json.dumps({"heatmap_extremum_mm": {n: np.round(v, 1).tolist() for n, v in extremum_errors.items()}}))
     for name in LANDMARKS:

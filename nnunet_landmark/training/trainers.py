@@ -28,7 +28,7 @@ from torch import distributed as dist
 from nnunet_landmark import nnunet_integration
 from nnunet_landmark.heatmap import HeatmapEncoding, decode_heatmap
 from nnunet_landmark.inference import export_prediction_with_landmarks
-from nnunet_landmark.evaluation.metrics import landmark_errors_mm
+from nnunet_landmark.evaluation.metrics import landmark_error_mm, landmark_errors_mm, summarize
 from nnunet_landmark.landmark_files import LandmarkFileError, read_landmark_table, read_markups
 from nnunet_landmark.landmark_heads import (LandmarkHeads, landmark_names_from_dataset_json, record_position_prior,
                                             recorded_position_priors, set_position_prior)
@@ -43,11 +43,12 @@ nnunet_integration.install(export_prediction_with_landmarks)
 
 
 def _summary(values) -> dict:
-    v = np.asarray([x for x in values if np.isfinite(x)], dtype=float)
-    if v.size == 0:
+    """``evaluation.metrics.summarize`` in landmark_summary.json's format (None when empty, SD 0 for one value)."""
+    s = summarize(values)
+    if s["n"] == 0:
         return {"mean": None, "sd": None, "median": None, "max": None, "n": 0}
-    return {"mean": float(v.mean()), "sd": float(v.std(ddof=1)) if v.size > 1 else 0.0,
-            "median": float(np.median(v)), "max": float(v.max()), "n": int(v.size)}
+    return {"mean": s["mean"], "sd": s["sd"] if s["n"] > 1 else 0.0, "median": s["median"], "max": s["max"],
+            "n": s["n"]}
 
 
 class nnUNetTrainerLandmark(nnUNetTrainer):
@@ -282,7 +283,7 @@ class nnUNetTrainerLandmark(nnUNetTrainer):
             if row["case"] in per_case and row.get("heatmap_x"):
                 point = [float(row[f"heatmap_{a}"]) for a in "xyz"]
                 reference = self.world_landmarks[row["case"]][self.landmark_names.index(row["name"])]
-                extremum.setdefault(row["name"], []).append(float(np.linalg.norm(np.subtract(point, reference))))
+                extremum.setdefault(row["name"], []).append(landmark_error_mm(point, reference))
         summary = {"landmarks": list(self.landmark_names), "unit": "mm", "coordinate_system": "LPS",
                    "per_case": per_case,
                    "per_landmark": {n: _summary([e[n] for e in per_case.values()]) for n in self.landmark_names},
