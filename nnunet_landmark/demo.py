@@ -209,39 +209,6 @@ def alignment_markdown(rows: list[dict], figure_file: str | None) -> str:
     return text
 
 
-# the figure's two point sets: exact colours (no transparency) so that a test can find each in every panel
-FIXED_COLOUR, MOVED_COLOUR = "#1f77b4", "#d62728"
-
-
-def plot_alignment(figure: dict, path: Path, max_points: int = 3000) -> Path:
-    """Three orthogonal projections (LPS x-y, x-z, y-z) of the LV surface points, before (top) and after (bottom)
-    alignment: the fixed-space truth and our surface moved by the estimated transform."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    step = max(1, len(figure["fixed"]) // max_points)
-    fig, axes = plt.subplots(2, 3, figsize=(12, 8))
-    for row, (when, moved) in enumerate((("before", figure["before"]), ("after", figure["after"]))):
-        for column, (a, b) in enumerate(((0, 1), (0, 2), (1, 2))):
-            ax = axes[row, column]
-            ax.scatter(figure["fixed"][::step, a], figure["fixed"][::step, b], s=10, c=FIXED_COLOUR, alpha=1.0,
-                       linewidths=0, label="true LV surface, fixed space")
-            ax.scatter(moved[::step, a], moved[::step, b], s=4, c=MOVED_COLOUR, alpha=1.0, linewidths=0,
-                       label="our LV surface" + (" (not aligned)" if when == "before" else ", aligned"))
-            ax.set_xlabel(f"{'xyz'[a]} (LPS mm)")
-            ax.set_ylabel(f"{'xyz'[b]} (LPS mm)")
-            ax.set_aspect("equal", adjustable="datalim")
-            ax.set_title(f"{when} alignment, {'xyz'[a]}-{'xyz'[b]}")
-        axes[row, 0].legend(loc="upper left", fontsize=7, markerscale=2)
-    fig.suptitle(f"{figure['case']}: rigid alignment from the predicted landmarks")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
-
-
 def main(argv: list[str] | None = None) -> None:
     """The console script: a failed nnU-Net command ends the demo with its message, not a traceback."""
     from nnunet_landmark.phantom_dataset import ConsoleScriptError
@@ -274,6 +241,7 @@ def run_demo(argv: list[str] | None = None) -> None:
                      f"--test_cases {args.test_cases}")
 
     from nnunet_landmark.evaluation.baselines import fit_mean_positions
+    from nnunet_landmark.evaluation.plots import plot_alignment
     from nnunet_landmark.evaluation.study.compare import compare_to_plain
     from nnunet_landmark.evaluation.study.report import write_report
     from nnunet_landmark.landmark_files import read_landmark_csv

@@ -18,7 +18,8 @@ import pytest
 import SimpleITK as sitk
 
 from conftest import run_cli
-from nnunet_landmark.demo import FIXED_COLOUR, LANDMARKS, MAX_ROTATION_DEGREES, MAX_TRANSLATION_MM, MOVED_COLOUR
+from nnunet_landmark.demo import LANDMARKS, MAX_ROTATION_DEGREES, MAX_TRANSLATION_MM
+from nnunet_landmark.evaluation.plots import FIXED_COLOUR, MOVED_COLOUR
 from nnunet_landmark.evaluation.metrics import dice
 from nnunet_landmark.landmark_files import read_landmark_csv, read_landmark_table, read_markups
 from nnunet_landmark.results_folder import results_folder
