@@ -14,7 +14,7 @@ heatmaps, and plain nnU-Net. For every held-out case it reports the LV Dice and 
   landmark model,
 * the mean apex position of the fold's training cases.
 
-Writes benchmarks/ACCURACY.md (table) and accuracy_errors.png (box plot), and the raw numbers as JSON.
+Writes benchmarks/ACCURACY_crossval.md (table) and accuracy_errors.png (box plot), and the raw numbers as JSON.
 """
 from __future__ import annotations
 
@@ -70,7 +70,7 @@ def main() -> None:
     parser.add_argument("--folds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--workdir", default=None)
-    parser.add_argument("--output", default=str(HERE / "ACCURACY.md"))
+    parser.add_argument("--output", default=str(HERE / "ACCURACY_crossval.md"))
     args = parser.parse_args()
 
     import torch

@@ -40,7 +40,8 @@ from nnunet_landmark.heatmap import decode_heatmap
 from nnunet_landmark.landmark_files import format_landmark_rows, write_markups
 from nnunet_landmark.landmark_heads import LandmarkHeads
 from nnunet_landmark.layout import HEATMAP_FOLDER, LANDMARK_TABLE, locked_folder
-from nnunet_landmark.position_prior import affine_of, combine_with_heatmap, pooled_prediction, structure_moments
+from nnunet_landmark.position_prior import (affine_of, combine_with_heatmap, pooled_prediction, sampling_stride,
+                                            structure_moments)
 
 TABLE_EXTRA_COLUMNS = ("i", "j", "k", "confidence", "heatmap_x", "heatmap_y", "heatmap_z", "estimator")
 
@@ -153,7 +154,8 @@ def decode_landmarks(heatmap_logits: Union[np.ndarray, torch.Tensor], properties
         else:
             def to_labels(slab):
                 return np.argmax(slab, axis=0)
-        moments = structure_moments(segmentation_logits, affine, to_labels=to_labels)
+        moments = structure_moments(segmentation_logits, affine, to_labels=to_labels,
+                                    stride=sampling_stride(segmentation_logits.shape[1:]))
     out: "OrderedDict[str, dict]" = OrderedDict()
     for name, logits in zip(heads.names, heatmap_logits):
         decoded = decode_heatmap(logits, heads.encoding, geometry.preprocessed_spacing, refine=refine,

@@ -34,6 +34,7 @@ PRIOR_FLOOR_MM = 1.0  # added to the prior's standard deviation in every directi
 HEATMAP_TAU_MM = 20.0
 MIN_CASES = 3
 SLAB_VOXELS = 1 << 20
+MOMENT_SAMPLE_VOXELS = 1 << 23  # at prediction, moments come from at most ~8M voxels (a stride along each axis)
 
 
 @dataclass(frozen=True)
@@ -52,29 +53,41 @@ def affine_of(to_world: Callable[[np.ndarray], np.ndarray]) -> tuple[np.ndarray,
     return (mapped[1:] - mapped[0]).T, mapped[0]
 
 
+def sampling_stride(shape: Sequence[int], max_voxels: int = MOMENT_SAMPLE_VOXELS) -> int:
+    """The stride along every axis that keeps a moments sample of ``shape`` at or under ``max_voxels``."""
+    voxels = int(np.prod(shape))
+    return 1 if voxels <= max_voxels else int(np.ceil((voxels / max_voxels) ** (1 / len(shape))))
+
+
 def structure_moments(labels, affine: tuple[np.ndarray, np.ndarray], slab_voxels: int = SLAB_VOXELS,
-                      to_labels: Callable[[np.ndarray], np.ndarray] | None = None) -> dict[int, Moments]:
+                      to_labels: Callable[[np.ndarray], np.ndarray] | None = None,
+                      stride: int = 1) -> dict[int, Moments]:
     """Moments of every foreground label (> 0) and of all of them together (``ALL_FOREGROUND``), world mm.
 
     ``labels``: a (Z, Y, X) or (1, Z, Y, X) label array in preprocessed voxels (numpy, or anything sliced like one,
     e.g. nnU-Net's blosc2 arrays), or (C, Z, Y, X) that ``to_labels`` turns into labels slab by slab (segmentation
-    logits). ``affine``: (A, b), preprocessed index -> world mm.
+    logits). ``affine``: (A, b), preprocessed index -> world mm. ``stride`` > 1 samples every stride-th voxel along
+    each axis (a full-size CT's structures keep their moments to a fraction of a voxel at a fraction of the cost).
     """
     shape = labels.shape[-3:]
-    rows = max(1, slab_voxels // max(1, int(np.prod(shape[1:]))))
+    rows = max(1, slab_voxels * stride * stride // max(1, int(np.prod(shape[1:]))))
+    rows = max(stride, rows - rows % stride)
     sums: dict[int, list] = {}
+    step = slice(None, None, stride)
     for start in range(0, shape[0], rows):
+        box = slice(start, min(start + rows, shape[0]), stride)
         if len(labels.shape) == 4:
-            slab = labels[:, start:start + rows]
+            slab = labels[:, box, step, step] if stride > 1 else labels[:, box]
             slab = to_labels(slab) if to_labels is not None else slab[0]
         else:
-            slab = labels[start:start + rows]
+            slab = labels[box, step, step] if stride > 1 else labels[box]
         slab = np.asarray(slab)
         for value in np.unique(slab):
             if value <= 0:
                 continue
             z, y, x = np.nonzero(slab == value)
-            points = np.stack([z.astype(np.float64) + start, y.astype(np.float64), x.astype(np.float64)], axis=1)
+            points = np.stack([z.astype(np.float64) * stride + start, y.astype(np.float64) * stride,
+                               x.astype(np.float64) * stride], axis=1)
             for key in (int(value), ALL_FOREGROUND):
                 entry = sums.setdefault(key, [0, np.zeros(3), np.zeros((3, 3))])
                 entry[0] += len(points)
