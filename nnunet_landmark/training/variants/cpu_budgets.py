@@ -88,12 +88,3 @@ class nnUNetTrainerLandmarkGaussian_cpu_learn(CPULearningBudget, nnUNetTrainerLa
 
 class nnUNetTrainer_cpu_learn(CPULearningBudget, nnUNetTrainerVanillaAdam1en3):
     """Plain nnU-Net with the optimizer and budget of nnUNetTrainerLandmark_cpu_learn."""
-
-
-class nnUNetTrainerLandmark_cpu_learn_beta10(nnUNetTrainerLandmark_cpu_learn):
-    """As nnUNetTrainerLandmark_cpu_learn with the paper's heatmap weight, beta 10 (accuracy study)."""
-
-    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
-                 device: torch.device = torch.device('cuda')):
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        self.heatmap_loss_weight = 10.0
