@@ -40,8 +40,8 @@ from nnunet_landmark.heatmap import decode_heatmap
 from nnunet_landmark.landmark_files import format_landmark_rows, write_markups
 from nnunet_landmark.landmark_heads import LandmarkHeads
 from nnunet_landmark.layout import HEATMAP_FOLDER, LANDMARK_TABLE, locked_folder
-from nnunet_landmark.position_prior import (affine_of, combine_with_heatmap, pooled_prediction, sampling_stride,
-                                            structure_moments)
+from nnunet_landmark.position_prior import (SURFACE_MARGIN_MM, affine_of, combine_with_heatmap, pooled_prediction,
+                                            sampling_stride, signed_distance, structure_mask, structure_moments)
 
 TABLE_EXTRA_COLUMNS = ("i", "j", "k", "confidence", "heatmap_x", "heatmap_y", "heatmap_z", "estimator")
 
@@ -163,7 +163,9 @@ def decode_landmarks(heatmap_logits: Union[np.ndarray, torch.Tensor], properties
         position, estimator = decoded.position, "heatmap"
         prediction = pooled_prediction(heads.position_priors, name, moments) if moments is not None else None
         if prediction is not None:
-            combined = combine_with_heatmap(logits, heads.encoding, valid, affine, *prediction)
+            surface = _surface_factor(heads.position_priors, name, segmentation_logits, to_labels,
+                                      geometry.preprocessed_spacing)
+            combined = combine_with_heatmap(logits, heads.encoding, valid, affine, *prediction, surface=surface)
             if combined is not None:
                 position, estimator = combined, "prior+heatmap"
         out[name] = {"world": geometry.preprocessed_to_world(position),
@@ -172,6 +174,28 @@ def decode_landmarks(heatmap_logits: Union[np.ndarray, torch.Tensor], properties
                      "heatmap_world": geometry.preprocessed_to_world(decoded.position),
                      "estimator": estimator}
     return out
+
+
+def _surface_factor(priors, name: str, segmentation_logits, to_labels, spacing, margin_mm: float = SURFACE_MARGIN_MM):
+    """(distances(box), mean, SD) for ``combine_with_heatmap`` from the priors' learned distance of ``name`` from its
+    structure's boundary (averaged over folds), or None where no prior learned one."""
+    learned = [p.landmarks[name] for p in priors if name in p.landmarks and p.landmarks[name].surface_mean is not None]
+    if not learned:
+        return None
+    structure = learned[0].structure
+    learned = [p for p in learned if p.structure == structure]
+    shape = np.asarray(segmentation_logits.shape[1:])
+    half = np.ceil(margin_mm / np.asarray(spacing)).astype(int)
+
+    def distances_of(box: tuple) -> np.ndarray:
+        lo = np.maximum([b.start - h for b, h in zip(box, half)], 0)
+        hi = np.minimum([b.stop + h for b, h in zip(box, half)], shape)
+        labels = to_labels(segmentation_logits[(slice(None), *[slice(int(a), int(b)) for a, b in zip(lo, hi)])])
+        distance = signed_distance(structure_mask(np.asarray(labels), structure), spacing)
+        return distance[tuple(slice(b.start - int(a), b.stop - int(a)) for b, a in zip(box, lo))]
+
+    return (distances_of, float(np.mean([p.surface_mean for p in learned])),
+            float(np.mean([p.surface_sd for p in learned])))
 
 
 def update_landmark_table(folder: str, case: str, landmarks: "OrderedDict[str, dict]") -> None:

@@ -21,7 +21,7 @@ float temporaries; they are computed in preprocessed voxels and mapped to world 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Mapping, Sequence
 
 import numpy as np
@@ -34,6 +34,7 @@ PRIOR_FLOOR_MM = 1.0  # added to the prior's standard deviation in every directi
 HEATMAP_TAU_MM = 20.0
 MIN_CASES = 3
 SLAB_VOXELS = 1 << 20
+SURFACE_MARGIN_MM = 30.0  # a landmark's distance from a structure's boundary is measured within this reach
 MOMENT_SAMPLE_VOXELS = 1 << 23  # at prediction, moments come from at most ~8M voxels (a stride along each axis)
 
 
@@ -129,6 +130,8 @@ class LandmarkPrior:
     cov: np.ndarray
     loo_rms_mm: float
     cases: int
+    surface_mean: float | None = None  # signed distance (mm, > 0 outside) from the structure's boundary
+    surface_sd: float | None = None
 
     def predict(self, moments: Mapping[int, Moments]) -> tuple[np.ndarray, np.ndarray] | None:
         """(mean, covariance) in world mm, or None when the structure is absent."""
@@ -141,12 +144,30 @@ class LandmarkPrior:
     def to_dict(self) -> dict:
         return {"structure": self.structure, "reference_axis": self.reference_axis.tolist(),
                 "roll_axis": self.roll_axis.tolist(), "mean": self.mean.tolist(), "cov": self.cov.tolist(),
-                "loo_rms_mm": self.loo_rms_mm, "cases": self.cases}
+                "loo_rms_mm": self.loo_rms_mm, "cases": self.cases, "surface_mean": self.surface_mean,
+                "surface_sd": self.surface_sd}
 
     @classmethod
     def from_dict(cls, d: dict) -> "LandmarkPrior":
+        surface = [None if d.get(k) is None else float(d[k]) for k in ("surface_mean", "surface_sd")]
         return cls(int(d["structure"]), np.asarray(d["reference_axis"], float), np.asarray(d["roll_axis"], float),
-                   np.asarray(d["mean"], float), np.asarray(d["cov"], float), float(d["loo_rms_mm"]), int(d["cases"]))
+                   np.asarray(d["mean"], float), np.asarray(d["cov"], float), float(d["loo_rms_mm"]), int(d["cases"]),
+                   *surface)
+
+
+def signed_distance(mask: np.ndarray, spacing: Sequence[float]) -> np.ndarray:
+    """Distance (mm) of every voxel centre to the other side of ``mask``'s boundary: > 0 outside, < 0 inside."""
+    from scipy import ndimage
+
+    mask = np.asarray(mask, dtype=bool)
+    if mask.all() or not mask.any():  # no boundary in view: only the side is known
+        return np.full(mask.shape, -np.inf if mask.all() else np.inf)
+    return ndimage.distance_transform_edt(~mask, sampling=spacing) - ndimage.distance_transform_edt(mask, sampling=spacing)
+
+
+def structure_mask(labels: np.ndarray, structure: int) -> np.ndarray:
+    """Voxels of ``structure`` (a label, or ``ALL_FOREGROUND``) in a label array."""
+    return labels > 0 if structure == ALL_FOREGROUND else labels == structure
 
 
 def _fit_structure(frames: list, points: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
@@ -173,10 +194,12 @@ class PositionPrior:
     landmarks: dict  # name -> LandmarkPrior
 
     @classmethod
-    def fit(cls, cases: Sequence[tuple[Mapping[int, Moments], np.ndarray]], names: Sequence[str]
-            ) -> "PositionPrior | None":
+    def fit(cls, cases: Sequence[tuple[Mapping[int, Moments], np.ndarray]], names: Sequence[str],
+            surface_distance: Callable[[int, int, np.ndarray], float] | None = None) -> "PositionPrior | None":
         """From training cases given as (structure moments, (K, 3) world landmarks); None with fewer than
-        ``MIN_CASES`` cases. Per landmark, the structure with the smallest leave-one-out error is kept."""
+        ``MIN_CASES`` cases. Per landmark, the structure with the smallest leave-one-out error is kept, and with
+        ``surface_distance(case index, structure, world point)`` (signed distance in mm from the structure's boundary)
+        the mean and SD of the landmark's distance from that structure's boundary."""
         if len(cases) < MIN_CASES:
             return None
         structures = sorted(set.intersection(*[set(k for k, m in c.items() if m.count >= 4) for c, _ in cases]))
@@ -195,6 +218,13 @@ class PositionPrior:
                 mean, cov, loo = _fit_structure(frames, points)
                 if best is None or loo < best.loo_rms_mm:
                     best = LandmarkPrior(s, reference, roll, mean, cov, loo, int(known.sum()))
+            if best is not None and surface_distance is not None:
+                indices = [i for i, ok in enumerate(known) if ok]
+                distances = np.asarray([surface_distance(i, best.structure, p) for i, p in zip(indices, points)])
+                distances = distances[np.isfinite(distances)]
+                if len(distances) >= MIN_CASES:
+                    best = replace(best, surface_mean=float(distances.mean()),
+                                   surface_sd=float(distances.std(ddof=1)))
             if best is not None:
                 landmarks[name] = best
         return cls(landmarks) if landmarks else None
@@ -219,12 +249,16 @@ def pooled_prediction(priors: Sequence[PositionPrior], name: str, moments: Mappi
 
 def combine_with_heatmap(heatmap, encoding, valid, affine: tuple[np.ndarray, np.ndarray], prior_mean: np.ndarray,
                          prior_cov: np.ndarray, already_sigmoid: bool = False, tau_mm: float = HEATMAP_TAU_MM,
-                         extent_sd: float = 4.0) -> np.ndarray | None:
+                         extent_sd: float = 4.0, surface: tuple[Callable, float, float] | None = None
+                         ) -> np.ndarray | None:
     """Posterior mean (preprocessed voxel index) of prior x heatmap likelihood over the box that holds the prior's
     ``extent_sd`` ellipsoid; None when that box misses the image or holds no reliable voxel.
 
     ``heatmap``: (Z, Y, X) values or logits in preprocessed voxels; ``valid``: the reliable region (as for
-    ``heatmap.decode_heatmap``); ``affine``: preprocessed index -> world mm.
+    ``heatmap.decode_heatmap``); ``affine``: preprocessed index -> world mm. ``surface``: (``distances(box)`` giving
+    the signed distance (mm) from the predicted structure's boundary over a box of slices, mean, SD): the landmark's
+    learned distance from that boundary enters as one more Gaussian factor, which keeps the estimate on the anatomy
+    where the frame of a differently shaped structure would carry it off.
     """
     a, b = affine
     cov = prior_cov + PRIOR_FLOOR_MM ** 2 * np.eye(3)
@@ -255,5 +289,10 @@ def combine_with_heatmap(heatmap, encoding, valid, affine: tuple[np.ndarray, np.
     if encoding.kind != "log_distance":  # a Gaussian heatmap says little far from its peak: its tail is flat
         distance = np.minimum(distance, 3 * encoding.sigma_mm)
     cost = cost + (distance / tau_mm) ** 2
+    if surface is not None:
+        distances_of, surface_mean, surface_sd = surface
+        to_boundary = np.asarray(distances_of(box), dtype=np.float64)[keep]
+        sd = max(surface_sd, PRIOR_FLOOR_MM)
+        cost = cost + np.minimum(((to_boundary - surface_mean) / sd) ** 2, 1e6)  # inf where no boundary is in view
     weights = np.exp(-0.5 * (cost - cost.min()))
     return (index * weights[:, None]).sum(axis=0) / weights.sum()

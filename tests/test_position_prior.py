@@ -202,3 +202,28 @@ def test_strided_moments_of_a_large_structure_match_the_full_ones():
     assert sampled.count < full.count / 20
     np.testing.assert_allclose(sampled.mean, full.mean, atol=0.2)
     np.testing.assert_allclose(np.sqrt(np.linalg.eigvalsh(sampled.cov)), np.sqrt(np.linalg.eigvalsh(full.cov)), atol=0.2)
+
+
+def test_the_learned_boundary_distance_pulls_an_estimate_back_onto_the_structure():
+    """A frame learned on other shapes can carry a landmark off the anatomy: the landmark's learned distance from the
+    structure's boundary (here 0: on it) pulls the estimate back. A sphere of radius 10 mm, a prior 8 mm outside it,
+    a flat heatmap: without the boundary factor the estimate stays outside, with it it lands within 2.5 mm of the
+    boundary."""
+    from nnunet_landmark.position_prior import signed_distance
+
+    spacing = np.array([1.0, 1.0, 1.0])
+    z, y, x = np.ogrid[:50, :50, :50]
+    mask = (z - 25) ** 2 + (y - 25) ** 2 + (x - 25) ** 2 <= 100
+    distance = signed_distance(mask, spacing)
+    assert distance[25, 25, 25] < -9 and distance[25, 25, 45] > 9
+    encoding = HeatmapEncoding(max_distance_mm=100.0, scale_mm=20.0)
+    affine = (np.diag(spacing), np.zeros(3))
+    prior_mean, prior_cov = np.array([25.0, 25.0, 43.0]), np.eye(3) * 9.0
+    flat = np.zeros(mask.shape, np.float32)
+    without = combine_with_heatmap(flat, encoding, None, affine, prior_mean, prior_cov)
+    with_boundary = combine_with_heatmap(flat, encoding, None, affine, prior_mean, prior_cov,
+                                         surface=(lambda box: distance[box], 0.0, 1.0))
+    radius = lambda p: float(np.linalg.norm(np.asarray(p) - 25))  # noqa: E731
+    assert radius(without) > 16
+    assert abs(radius(with_boundary) - 10) < 2.5, with_boundary
+    assert np.all(np.isinf(signed_distance(np.zeros((3, 3, 3), bool), spacing)))

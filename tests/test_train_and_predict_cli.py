@@ -498,5 +498,9 @@ def test_training_records_the_position_prior_and_fit_prior_reproduces_it(landmar
     refitted = json.loads((copy / "plans.json").read_text())["nnunet_landmark"]["position_priors"]
     assert list(refitted) == ["fold_0"]
     for name in LANDMARKS:
+        assert set(refitted["fold_0"][name]) == set(recorded[name])
         for key, value in recorded[name].items():
-            np.testing.assert_allclose(refitted["fold_0"][name][key], value, rtol=1e-9, atol=1e-12, err_msg=key)
+            if value is None:  # no boundary distance learned (fewer than 3 cases with a boundary in reach)
+                assert refitted["fold_0"][name][key] is None, key
+            else:
+                np.testing.assert_allclose(refitted["fold_0"][name][key], value, rtol=1e-9, atol=1e-12, err_msg=key)

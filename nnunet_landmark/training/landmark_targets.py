@@ -18,6 +18,7 @@ from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
 
 from nnunet_landmark.geometry import CaseGeometry
 from nnunet_landmark.layout import LANDMARK_CACHE, LANDMARKS_FOLDER, SPLITS_FILE, atomic_write_text
+from nnunet_landmark.position_prior import SURFACE_MARGIN_MM
 from nnunet_landmark.raw_dataset import DatasetError, read_dataset_landmarks, save_json
 
 
@@ -85,7 +86,7 @@ def copy_raw_splits(preprocessed_base: str, dataset_name: str) -> str | None:
 
 
 def fit_position_prior(preprocessed_folder: str, cases: Sequence[str], world_landmarks: dict, plans_manager,
-                       configuration_manager, landmark_names: Sequence[str]):
+                       configuration_manager, landmark_names: Sequence[str], margin_mm: float = SURFACE_MARGIN_MM):
     """``position_prior.PositionPrior`` of the training ``cases`` from their preprocessed reference segmentations and
     world landmarks (None with fewer than ``position_prior.MIN_CASES`` cases)."""
     from tqdm import tqdm
@@ -93,9 +94,39 @@ def fit_position_prior(preprocessed_folder: str, cases: Sequence[str], world_lan
     from nnunet_landmark.position_prior import PositionPrior, affine_of, structure_moments
 
     dataset = infer_dataset_class(preprocessed_folder)(preprocessed_folder, list(cases))
-    fitted = []
+    fitted, segmentations = [], []
     for case in tqdm(sorted(cases), desc="Landmark position prior", disable=len(cases) < 50):
         _, seg, _, properties = dataset.load_case(case)
         geometry = CaseGeometry.from_nnunet(properties, plans_manager.transpose_forward, configuration_manager.spacing)
         fitted.append((structure_moments(seg, affine_of(geometry.preprocessed_to_world)), world_landmarks[case]))
-    return PositionPrior.fit(fitted, landmark_names)
+        segmentations.append((seg, geometry))
+
+    def surface_distance(index: int, structure: int, point: np.ndarray) -> float:
+        seg, geometry = segmentations[index]
+        return boundary_distance(seg, geometry, structure, point, margin_mm)
+
+    return PositionPrior.fit(fitted, landmark_names, surface_distance)
+
+
+def boundary_distance(seg, geometry: CaseGeometry, structure: int, point: np.ndarray,
+                      margin_mm: float = SURFACE_MARGIN_MM) -> float:
+    """Signed distance (mm, > 0 outside) of a world point from ``structure``'s boundary in a preprocessed (1, Z, Y, X)
+    segmentation, from a crop of ``margin_mm`` around the point (NaN when the point is outside the image)."""
+    from nnunet_landmark.position_prior import signed_distance, structure_mask
+
+    from scipy import ndimage
+
+    spacing = np.asarray(geometry.preprocessed_spacing)
+    position = np.asarray(geometry.world_to_preprocessed(point), dtype=np.float64)
+    index = np.round(position).astype(int)
+    shape = np.asarray(seg.shape[-3:])
+    if np.any(index < 0) or np.any(index >= shape):
+        return float("nan")
+    half = np.ceil(margin_mm / spacing).astype(int)
+    lo, hi = np.maximum(index - half, 0), np.minimum(index + half + 1, shape)
+    crop = np.asarray(seg[(0, *[slice(int(a), int(b)) for a, b in zip(lo, hi)])])
+    distance = signed_distance(structure_mask(crop, structure), spacing)
+    if not np.all(np.isfinite(distance)):
+        return float("nan")
+    # interpolated at the landmark itself: on coarse voxels the nearest voxel's value is off by up to a voxel
+    return float(ndimage.map_coordinates(distance, (position - lo)[:, None], order=1, mode="nearest")[0])
