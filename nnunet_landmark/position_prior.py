@@ -34,6 +34,7 @@ PRIOR_FLOOR_MM = 1.0  # added to the prior's standard deviation in every directi
 HEATMAP_TAU_MM = 20.0
 MIN_CASES = 3
 SLAB_VOXELS = 1 << 20
+SURFACE_BAND_SD = 2.0  # the boundary factor only acts beyond this many SDs of the learned distance
 SURFACE_MARGIN_MM = 30.0  # a landmark's distance from a structure's boundary is measured within this reach
 MOMENT_SAMPLE_VOXELS = 1 << 23  # at prediction, moments come from at most ~8M voxels (a stride along each axis)
 
@@ -293,6 +294,8 @@ def combine_with_heatmap(heatmap, encoding, valid, affine: tuple[np.ndarray, np.
         distances_of, surface_mean, surface_sd = surface
         to_boundary = np.asarray(distances_of(box), dtype=np.float64)[keep]
         sd = max(surface_sd, PRIOR_FLOOR_MM)
-        cost = cost + np.minimum(((to_boundary - surface_mean) / sd) ** 2, 1e6)  # inf where no boundary is in view
+        # a guard, not a second estimate: only a distance outside the training cases' band (mean +- 2 SD) costs
+        excess = np.maximum(np.abs(to_boundary - surface_mean) - SURFACE_BAND_SD * sd, 0.0)
+        cost = cost + np.minimum((excess / sd) ** 2, 1e6)  # inf where no boundary is in view
     weights = np.exp(-0.5 * (cost - cost.min()))
     return (index * weights[:, None]).sum(axis=0) / weights.sum()

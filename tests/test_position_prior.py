@@ -207,8 +207,8 @@ def test_strided_moments_of_a_large_structure_match_the_full_ones():
 def test_the_learned_boundary_distance_pulls_an_estimate_back_onto_the_structure():
     """A frame learned on other shapes can carry a landmark off the anatomy: the landmark's learned distance from the
     structure's boundary (here 0: on it) pulls the estimate back. A sphere of radius 10 mm, a prior 8 mm outside it,
-    a flat heatmap: without the boundary factor the estimate stays outside, with it it lands within 2.5 mm of the
-    boundary."""
+    a flat heatmap: without the boundary factor the estimate stays outside, with it it comes back to the edge of
+    the learned band (the factor is a guard: it only acts beyond 2 SD of the learned distance)."""
     from nnunet_landmark.position_prior import signed_distance
 
     spacing = np.array([1.0, 1.0, 1.0])
@@ -225,5 +225,10 @@ def test_the_learned_boundary_distance_pulls_an_estimate_back_onto_the_structure
                                          surface=(lambda box: distance[box], 0.0, 1.0))
     radius = lambda p: float(np.linalg.norm(np.asarray(p) - 25))  # noqa: E731
     assert radius(without) > 16
-    assert abs(radius(with_boundary) - 10) < 2.5, with_boundary
+    assert abs(radius(with_boundary) - 10) < 2 * 1.0 + 1.5, with_boundary
+    # inside the band the factor changes nothing
+    inside_band = combine_with_heatmap(flat, encoding, None, affine, np.array([25.0, 25.0, 35.0]), np.eye(3) * 0.04,
+                                       surface=(lambda box: distance[box], 0.0, 1.0))
+    plain = combine_with_heatmap(flat, encoding, None, affine, np.array([25.0, 25.0, 35.0]), np.eye(3) * 0.04)
+    np.testing.assert_allclose(inside_band, plain, atol=0.05)
     assert np.all(np.isinf(signed_distance(np.zeros((3, 3, 3), bool), spacing)))
