@@ -30,7 +30,7 @@ def evaluate_run(folder: Path) -> dict:
     """Rows of one demo output folder: {"landmark": [...], "plain": [...]} per unseen case."""
     from nnunet_landmark.demo import DATASET, LANDMARKS, evaluate_test_set
     from nnunet_landmark.evaluation.baselines import fit_mean_positions
-    from nnunet_landmark.landmark_files import read_landmark_csv
+    from nnunet_landmark.landmark_files import read_landmark_csv, read_landmark_table
 
     raw = folder / "nnUNet_raw" / DATASET
     truth = read_landmark_csv(folder / "unseen_phantoms" / "landmarks.csv")
@@ -45,13 +45,8 @@ def evaluate_run(folder: Path) -> dict:
             "plain": evaluate_test_set(plain[0], folder / "unseen_phantoms", truth, mean_position),
             "trainers": [landmark[0].name[len("predictions_"):], plain[0].name[len("predictions_"):]],
             "landmarks": list(LANDMARKS)}
-    estimators = set()
-    with open(landmark[0] / "landmarks.csv") as f:
-        header = f.readline().strip().split(",")
-        column = header.index("estimator") if "estimator" in header else None
-        for line in f:
-            estimators.add(line.strip().split(",")[column] if column is not None else "heatmap")
-    rows["estimators"] = sorted(estimators)
+    rows["estimators"] = sorted({r.get("estimator") or "heatmap"
+                                 for r in read_landmark_table(landmark[0] / "landmarks.csv")})
     return rows
 
 

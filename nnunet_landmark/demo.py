@@ -72,6 +72,8 @@ def evaluate_test_set(prediction_folder: Path, test_root: Path, truth: dict, mea
     from nnunet_landmark.geometry import ImageGeometry
     from nnunet_landmark.landmark_files import read_landmark_table, read_markups
 
+    table = prediction_folder / "landmarks.csv"
+    table_rows = read_landmark_table(table) if table.exists() else []
     rows = []
     for case, landmarks in truth.items():
         geometry = ImageGeometry.from_file(test_root / "ct_train" / f"{case}_image.nii.gz")
@@ -89,7 +91,7 @@ def evaluate_test_set(prediction_folder: Path, test_root: Path, truth: dict, mea
             row["landmark_errors_mm"] = landmark_errors_mm(read_markups(markups), landmarks, LANDMARKS)
             row["error_model_mm"] = row["landmark_errors_mm"]["apex"]
             extrema = {r["name"]: [float(r[f"heatmap_{a}"]) for a in "xyz"]
-                       for r in read_landmark_table(prediction_folder / "landmarks.csv") if r["case"] == case}
+                       for r in table_rows if r["case"] == case}
             row["heatmap_extremum_errors_mm"] = landmark_errors_mm(extrema, landmarks, LANDMARKS)
         rows.append(row)
     return rows

@@ -19,6 +19,7 @@ def fit_model_priors(model_folder: str, folds: list[str]) -> dict:
     """Fit and record the prior of each fold in ``model_folder`` (an nnU-Net trained-model folder); returns
     {fold key: PositionPrior or None}."""
     from nnunetv2.paths import nnUNet_preprocessed
+    from nnunetv2.utilities.file_path_utilities import parse_dataset_trainer_plans_configuration_from_path
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
     from nnunet_landmark.landmark_heads import LandmarkHeads, landmark_names_from_dataset_json, record_position_prior
@@ -33,7 +34,7 @@ def fit_model_priors(model_folder: str, folds: list[str]) -> dict:
         raise SystemExit(f"{plans_file}: not a landmark model (no 'nnunet_landmark' entry)")
     names = landmark_names_from_dataset_json(load_json(join(model_folder, "dataset.json")))
     plans_manager = PlansManager(plans)
-    configuration = os.path.basename(os.path.normpath(model_folder)).rsplit("__", 1)[-1]
+    configuration = parse_dataset_trainer_plans_configuration_from_path(os.path.normpath(model_folder))[3]
     configuration_manager = plans_manager.get_configuration(configuration)
     base = join(nnUNet_preprocessed.get(), plans_manager.dataset_name)
     data_folder = join(base, configuration_manager.data_identifier)

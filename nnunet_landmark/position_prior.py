@@ -26,6 +26,8 @@ from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
+from nnunet_landmark.heatmap import _valid_at
+
 ALL_FOREGROUND = 0  # structure key: every foreground label together (0 is never a foreground label in nnU-Net)
 PRIOR_FLOOR_MM = 1.0  # added to the prior's standard deviation in every direction (squared): a degenerate
 # covariance from few training cases must not pin the estimate to one point
@@ -276,8 +278,6 @@ def combine_with_heatmap(heatmap, encoding, valid, affine: tuple[np.ndarray, np.
     values = np.asarray(heatmap[box], dtype=np.float64)
     if not already_sigmoid:
         values = 1.0 / (1.0 + np.exp(-values))
-    from nnunet_landmark.heatmap import _valid_at
-
     keep = np.isfinite(values) if valid is None else np.isfinite(values) & _valid_at(valid, heatmap.shape, box)
     if not keep.any():
         return None
