@@ -270,8 +270,11 @@ def main() -> int:
     parser.add_argument("--predict-cases", type=int, default=1, help="cases given to nnUNetv2_predict")
     parser.add_argument("--tta", action="store_true",
                         help="predict with test-time mirroring (8x the network time, the same for both models)")
-    parser.add_argument("--reuse-training", action="store_true",
-                        help="keep the training measurements and models of an earlier run in the same --workdir")
+    parser.add_argument("--resume", "--reuse-training", dest="resume", action="store_true",
+                        help="keep the training measurements, models and finished predictions of an earlier "
+                             "run in the same --workdir (--reuse-training: the older name)")
+    parser.add_argument("--training-only", action="store_true",
+                        help="stop after the training measurements (a later --resume measures the rest)")
     parser.add_argument("--worker", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -308,8 +311,8 @@ def main() -> int:
 
     train: dict = {}
     previous = workdir / "gpu_check.json"
-    if args.reuse_training and previous.exists():  # a run stopped after training: measure the rest
-        train.update(json.loads(previous.read_text()).get("training", {}))
+    earlier = json.loads(previous.read_text()) if args.resume and previous.exists() else {}
+    train.update(earlier.get("training", {}))  # a run stopped by a time limit: measure the rest
     results["training"] = train
     for label, trainer in TRAINERS:
         if label in train and Path(train[label]["output_folder"], "checkpoint_final.pth").is_file():
@@ -323,6 +326,11 @@ def main() -> int:
         print(f"  {label}: {train[label]['seconds_per_iteration']:.3f} s/iteration "
               f"({seconds[f'train_{label}']:.0f} s with start-up and compile)", flush=True)
 
+    if args.training_only:
+        save_partial(workdir, results)
+        print(f"  training measured; the rest with --resume --workdir {workdir}", flush=True)
+        return 0
+
     inputs = workdir / "predict_in"
     inputs.mkdir(exist_ok=True)
     images = sorted((workdir / "raw" / DATASET / "imagesTr").glob("*_0000.nii.gz"))[-args.predict_cases:]
@@ -334,6 +342,11 @@ def main() -> int:
     save_partial(workdir, results)
     for label, trainer in TRAINERS:
         out = workdir / f"predicted_{label}"
+        done = earlier.get("prediction", {}).get(label)
+        if done and earlier.get("prediction_tta") == bool(args.tta) and earlier.get("prediction_cases") == len(images):
+            prediction[label] = done
+            print(f"  nnUNetv2_predict {label}: reusing {done['seconds']:.1f} s from {previous}", flush=True)
+            continue
         shutil.rmtree(out, ignore_errors=True)
         prediction[label] = {"seconds": run(
             ["nnUNetv2_predict", "-i", str(inputs), "-o", str(out), "-d", str(DATASET_ID), "-c",
@@ -345,6 +358,9 @@ def main() -> int:
         prediction[label]["markups"] = sum((out / f"{c}.mrk.json").is_file() for c in cases_out)
         prediction[label]["landmark_table"] = (out / "landmarks.csv").is_file()
         print(f"  nnUNetv2_predict {label}: {prediction[label]['seconds']:.1f} s", flush=True)
+        results["prediction_cases"] = len(images)
+        results["prediction_tta"] = bool(args.tta)
+        save_partial(workdir, results)
     results["prediction"] = prediction
     results["prediction_cases"] = len(images)
     results["prediction_tta"] = bool(args.tta)
