@@ -27,7 +27,7 @@ from typing import Mapping, Sequence
 import numpy as np
 import SimpleITK as sitk
 
-from nnunet_landmark.geometry import ImageGeometry
+from nnunet_landmark.geometry import ImageGeometry, ras_to_lps
 from nnunet_landmark.landmark_files import (LandmarkFileError, read_image_3d, read_landmark_csv, read_landmark_table,
                                             read_markups)
 
@@ -39,6 +39,8 @@ DIRECTION = ("maps points of the fixed space into the moving space: p_moving = T
 COLLINEARITY_LIMIT = 0.05
 # a rigid fit between landmark sets whose sizes differ by more than this factor: most likely mm vs cm (or m)
 SIZE_RATIO_LIMIT = 2.0
+# a CSV column saying in which world frame its x, y, z are (rows without it: LPS, as everything here)
+CSV_COORDINATE_SYSTEM_COLUMNS = ("coordinate_system", "coordinateSystem", "coordinate_frame")
 MESH_FORMATS = {".vtk": "vtk42", ".stl": "stl", ".ply": "ply", ".obj": "obj"}
 
 
@@ -57,12 +59,22 @@ def load_landmarks(path: str | os.PathLike, case: str | None = None) -> "Ordered
     if not os.path.isfile(p):
         raise AlignmentError(f"{p}: no such landmark file")
     if p.lower().endswith(".csv"):
+        systems = set()
         for row in read_landmark_table(p):
             for column in ("unit", "units", "coordinate_units"):
                 if row.get(column) not in (None, "", "mm"):
                     raise LandmarkFileError(f"{p}: coordinate units {row[column]!r} (column '{column}') are not "
                                             f"supported, only 'mm'; convert the positions to mm")
+            for column in CSV_COORDINATE_SYSTEM_COLUMNS:
+                if row.get(column) not in (None, ""):
+                    systems.add(row[column].strip().upper())
+        if not systems <= {"LPS", "RAS"} or len(systems) > 1:
+            raise LandmarkFileError(f"{p}: coordinate system(s) {sorted(systems)} in its rows; one of LPS (ITK, "
+                                    f"nnU-Net, this tool) or RAS (3D Slicer's world) is supported per file")
         table = read_landmark_csv(p)
+        if systems == {"RAS"}:
+            table = OrderedDict((c, OrderedDict((n, ras_to_lps(v)) for n, v in points.items()))
+                                for c, points in table.items())
         if case is None:
             if len(table) > 1:
                 raise AlignmentError(f"{p}: the CSV holds {len(table)} cases ({', '.join(list(table)[:8])}"

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections import OrderedDict
 from pathlib import Path
 
@@ -444,3 +445,28 @@ def test_console_script_end_to_end_on_a_phantom(tmp_path):
                       str(tmp_path / "mri.mrk.json"), "-o", str(out / "t2.tfm")], check=False, timeout=120)
     assert failed.returncode == 1
     assert f"{tmp_path / 'landmarks.csv'}: the CSV holds 2 cases" in failed.stderr and "Traceback" not in failed.stderr
+
+
+def test_a_csv_in_ras_is_converted_and_an_unknown_or_mixed_system_is_refused(tmp_path):
+    matrix, translation = _rigid(12)
+    fixed = _landmarks(12, 4)
+    write_markups(tmp_path / "ours.mrk.json", _map(matrix, translation, fixed))
+
+    def theirs(systems: list[str]) -> Path:
+        path = tmp_path / "theirs.csv"
+        rows = ["case,name,x,y,z,coordinate_system"]
+        for (name, p), system in zip(fixed.items(), systems):
+            q = lps_to_ras(p) if system == "RAS" else p
+            rows.append(f"other,{name},{float(q[0])!r},{float(q[1])!r},{float(q[2])!r},{system}")
+        path.write_text("\n".join(rows) + "\n")
+        return path
+
+    # read as LPS, an RAS file would still fit (a 180-degree turn absorbs it): the column must be honoured
+    report = alignment.align(tmp_path / "ours.mrk.json", theirs(["RAS"] * 4), tmp_path / "t.tfm")
+    to_moving = np.array(report["fixed_to_moving_matrix"])
+    assert np.allclose(to_moving[:3, :3], matrix, atol=1e-9) and np.allclose(to_moving[:3, 3], translation, atol=1e-6)
+    assert np.allclose(alignment.load_landmarks(theirs(["LPS", "", "lps", "LPS"]))["apex"], fixed["apex"])
+    for systems, shown in ((["RAS", "LPS", "RAS", "RAS"], "['LPS', 'RAS']"), (["IJK"] * 4, "['IJK']")):
+        path = theirs(systems)
+        with pytest.raises(LandmarkFileError, match=rf"{path}: coordinate system\(s\) {re.escape(shown)} in its rows"):
+            alignment.load_landmarks(path)
