@@ -511,7 +511,7 @@ def test_label_without_its_image_is_reported_with_near_names(release_copy, nnune
     label = root / "ct_train" / "ct_train_1004_label.nii.gz"
     expect_error(nnunet_dirs, root / "ct_train", [root / "apex"], label,
                  r"no image ct_train_1004_image.nii.gz beside it \(files there with a similar name: "
-                 r"\['ct_train_1004_img.nii.gz'.*--skip-missing")
+                 r"\['ct_train_1004_img.nii.gz'\]\); rename.*--skip-missing")
     folder = convert_quiet(root / "ct_train", [root / "apex"], skip_missing=True)
     assert json.loads((folder / "dataset.json").read_text())["numTraining"] == 19
     assert "skipping ct_train_1004: " + str(label) in capsys.readouterr().err

@@ -346,10 +346,8 @@ def test_crossval_summary_table2(study, tmp_path):
     on_disk = json.loads((tmp_path / "crossval_summary.json").read_text())
     assert on_disk["overall"]["error_mm"]["mean"] == pytest.approx(4.5)
     assert (tmp_path / "folds" / "fold_2.json").is_file()
-    assert len(summary["qc_pngs"]) == 8
-    for png in summary["qc_pngs"][:2]:
-        image = matplotlib.image.imread(png)
-        assert image.shape[0] > 400 and image.shape[1] > 1000
+    assert len(summary["qc_pngs"]) == 8  # what they show is test_qc_figure's
+    assert all(Path(png).is_file() for png in summary["qc_pngs"])
 
 
 def test_crossval_rejects_splits_that_do_not_match(study, tmp_path):

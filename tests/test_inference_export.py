@@ -505,6 +505,6 @@ def test_heatmap_files_hold_the_heatmaps_at_float16_precision(tmp_path, resample
         assert image.GetSize() == expected.shape[::-1]
         np.testing.assert_allclose(image.GetSpacing(), spacing[::-1], rtol=1e-6)
         values = sitk.GetArrayFromImage(image)
-        assert values.dtype == np.float32 and values.min() >= 0 and values.max() <= 1
+        assert values.dtype == np.float32
         np.testing.assert_allclose(values, expected, rtol=0, atol=2.0 ** -11)
         assert np.abs(values - expected).max() > 0  # rounded indeed

@@ -126,7 +126,8 @@ def discover_cases(ct_train_dir: Path, skip_missing: bool = False) -> "OrderedDi
             raise DatasetError(f"{image}: no label file {case}_label.nii.gz beside it")
         cases[case] = CaseInput(case, image, label)
     used = {p for c in cases.values() for p in (c.image, c.label)}
-    unused = [p.name for p in files if p not in used]
+    # images a label could have meant (other labels are no candidates)
+    unused = [p.name for p in files if p not in used and not LABEL_PATTERN.match(p.name)]
     for label in files:
         m = LABEL_PATTERN.match(label.name)
         if not m or m.group("case") in cases:
