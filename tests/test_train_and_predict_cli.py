@@ -335,7 +335,7 @@ def test_predict_writes_segmentation_and_landmarks(landmark_model, prediction_in
 
 
 def test_predict_with_tta_two_folds_probabilities_and_continue(pretrained_fold, prediction_inputs, tmp_path):
-    from nnunet_landmark.inference import decode_landmarks
+    from nnunet_landmark.inference import decode_landmarks, write_heatmaps_on_image_grid
 
     landmark_model = pretrained_fold  # folds 0 and 1 (the latter pretrained), whatever order the tests run in
     env, (inputs, cases) = landmark_model["env"], prediction_inputs
@@ -360,20 +360,26 @@ def test_predict_with_tta_two_folds_probabilities_and_continue(pretrained_fold, 
     markups = read_markups(out / f"{case}.mrk.json")
     for name in LANDMARKS:
         np.testing.assert_allclose(markups[name], decoded[name]["world"], atol=1e-2)
-    # probabilities: nnU-Net's npz holds the C segmentation channels; heatmaps are NIfTIs on the image grid
+    # probabilities: nnU-Net's npz holds the C segmentation channels; heatmaps are NIfTIs on the image grid, made
+    # from the heatmaps the landmarks were decoded from (both folds, mirrored), exactly as the export function makes
+    # them of the in-process logits (whose own content test_inference_export checks voxel by voxel)
     assert np.load(out / f"{case}.npz")["probabilities"].shape[0] == 2
-    for name in LANDMARKS:
+    expected = write_heatmaps_on_image_grid(logits[2:], pre_properties, predictor.plans_manager,
+                                            predictor.configuration_manager, predictor.landmark_heads,
+                                            str(tmp_path / "expected" / case))
+    for name, expected_file in zip(LANDMARKS, expected):
         heatmap = sitk.ReadImage(str(out / "heatmaps" / f"{case}_{name}.nii.gz"))
         assert ImageGeometry.from_image(heatmap).same_grid_as(ImageGeometry.from_file(image))
         values = sitk.GetArrayFromImage(heatmap)
-        # the log-distance heatmap has its minimum at the heatmap extremum the table reports (measured: the lowest
-        # value, or within the lowest 0.01 %; sub-voxel decoding and resampling to this grid move it by a voxel at
-        # most); the voxels the sliding window did not average reliably are written as background
-        voxel = np.round(ImageGeometry.from_image(heatmap).world_to_array_index(
-            decoded[name]["heatmap_world"])).astype(int)
-        assert np.all(voxel >= 0) and np.all(voxel < values.shape), (name, voxel)
-        assert values.max() - values.min() > 0.1, f"{name}: a flat heatmap makes the next check empty"
-        assert (values < values[tuple(voxel)]).mean() < 0.01, name
+        np.testing.assert_allclose(values, sitk.GetArrayFromImage(sitk.ReadImage(expected_file)), rtol=0, atol=2e-3)
+        # where the heatmap localises (confidence >= 0.5), its minimum on this grid is at the extremum the table
+        # reports (sub-voxel decoding and resampling move it by a voxel at most). A smoke model's heatmap can be
+        # nearly flat (confidence 0.004 measured once): its minimum is then anywhere in a wide shallow trough
+        if decoded[name]["confidence"] >= 0.5:
+            voxel = np.round(ImageGeometry.from_image(heatmap).world_to_array_index(
+                decoded[name]["heatmap_world"])).astype(int)
+            assert np.all(voxel >= 0) and np.all(voxel < values.shape), (name, voxel)
+            assert (values < values[tuple(voxel)]).mean() < 0.01, name
     # --continue_prediction on the full input folder leaves the finished case alone and completes the table
     stamps = {p.name: p.stat().st_mtime for p in out.iterdir() if p.is_file()}
     predict(env, inputs, out, LANDMARK_TRAINER, ("0", "1"), "--save_probabilities", "--continue_prediction",
