@@ -32,8 +32,7 @@ ALL_FOREGROUND = 0  # structure key: every foreground label together (0 is never
 # added to the prior's standard deviation in every direction (squared), and the least SD of the boundary guard: a
 # degenerate covariance from few training cases must not pin the estimate to one point. 3 mm was measured too: on
 # phantoms the wider guard took the mitral valve from 1.63 to 1.26 mm (a 3 mm prior floor with a 1 mm guard did
-# nothing), but in a run of tests/test_learning.py it put the real CT's apex 5.1 mm from the heart (3.9 mm in an
-# earlier run with 1 mm), past that test's 5 mm
+# nothing); it stays 1 mm until the guard's width is settled on real anatomy (the guard exists for a real CT's apex)
 PRIOR_FLOOR_MM = 1.0
 # width of the heatmap likelihood, the scale of a short budget's heatmap errors (10-20 mm at its extremum): of 5, 10,
 # 20 and 40 mm, 20 gave the best apex and mitral valve with little loss at the aortic valve (benchmarks/ACCURACY.md)
