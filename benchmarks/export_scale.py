@@ -49,6 +49,8 @@ def scenario(name: str) -> dict:
     """Plans (landmark and plain), properties and the preprocessed shape of one synthetic full-size case."""
     from nnunetv2.preprocessing.resampling.default_resampling import compute_new_shape
 
+    from nnunet_landmark.cpu_plans import default_resampling
+
     if name == "native":
         shape, spacing, transpose_forward = (300, 512, 512), (0.6, 0.43, 0.43), [0, 1, 2]
         bbox = [[0, 300], [6, 506], [10, 502]]  # in transposed axes
@@ -65,13 +67,7 @@ def scenario(name: str) -> dict:
     spacing_t = [spacing[i] for i in transpose_forward]
     preprocessed = [int(i) for i in compute_new_shape(cropped_t, spacing_t, target)]
     backward = [int(i) for i in np.argsort(transpose_forward)]
-    resampling = {"resampling_fn_data": "resample_data_or_seg_to_shape",
-                  "resampling_fn_data_kwargs": {"is_seg": False, "order": 3, "order_z": 0, "force_separate_z": None},
-                  "resampling_fn_seg": "resample_data_or_seg_to_shape",
-                  "resampling_fn_seg_kwargs": {"is_seg": True, "order": 1, "order_z": 0, "force_separate_z": None},
-                  "resampling_fn_probabilities": "resample_data_or_seg_to_shape",
-                  "resampling_fn_probabilities_kwargs": {"is_seg": False, "order": 1, "order_z": 0,
-                                                         "force_separate_z": None}}
+    resampling = default_resampling()
     plain = {"dataset_name": "Dataset899_MMWHS_LVApex", "plans_name": "nnUNetResEncUNetMPlans",
              "transpose_forward": transpose_forward, "transpose_backward": backward,
              "image_reader_writer": "SimpleITKIO", "label_manager": "LabelManager",

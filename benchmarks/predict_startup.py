@@ -97,14 +97,10 @@ PHASES = [
 # ----------------------------------------------------------------------------------------------- set-up
 def plans() -> dict:
     """Plain nnU-Net plans: one 3d_fullres configuration at MM-WHS ResEnc-M spacing and patch, a tiny network."""
+    from nnunet_landmark.cpu_plans import default_resampling
+
     n = len(FEATURES)
-    resampling = {"resampling_fn_data": "resample_data_or_seg_to_shape",
-                  "resampling_fn_data_kwargs": {"is_seg": False, "order": 3, "order_z": 0, "force_separate_z": None},
-                  "resampling_fn_seg": "resample_data_or_seg_to_shape",
-                  "resampling_fn_seg_kwargs": {"is_seg": True, "order": 1, "order_z": 0, "force_separate_z": None},
-                  "resampling_fn_probabilities": "resample_data_or_seg_to_shape",
-                  "resampling_fn_probabilities_kwargs": {"is_seg": False, "order": 1, "order_z": 0,
-                                                         "force_separate_z": None}}
+    resampling = default_resampling()
     architecture = {
         "network_class_name": "dynamic_network_architectures.architectures.unet.ResidualEncoderUNet",
         "arch_kwargs": {"n_stages": n, "features_per_stage": list(FEATURES), "conv_op": "torch.nn.modules.conv.Conv3d",

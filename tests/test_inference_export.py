@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
+from nnunet_landmark.cpu_plans import default_resampling
 from nnunet_landmark.geometry import ImageGeometry
 from nnunet_landmark.heatmap import HeatmapEncoding, render_heatmaps
 from nnunet_landmark.inference import decode_landmarks, reliable_sliding_window_region
@@ -21,13 +22,7 @@ def rotation(axis, degrees) -> np.ndarray:
 
 def plans_for(target_spacing, transpose_forward, patch_size) -> dict:
     backward = [int(i) for i in np.argsort(transpose_forward)]
-    resampling = {"resampling_fn_data": "resample_data_or_seg_to_shape",
-                  "resampling_fn_data_kwargs": {"is_seg": False, "order": 3, "order_z": 0, "force_separate_z": None},
-                  "resampling_fn_seg": "resample_data_or_seg_to_shape",
-                  "resampling_fn_seg_kwargs": {"is_seg": True, "order": 1, "order_z": 0, "force_separate_z": None},
-                  "resampling_fn_probabilities": "resample_data_or_seg_to_shape",
-                  "resampling_fn_probabilities_kwargs": {"is_seg": False, "order": 1, "order_z": 0,
-                                                         "force_separate_z": None}}
+    resampling = default_resampling()
     return {"dataset_name": "Dataset999_Export", "plans_name": "p", "transpose_forward": list(transpose_forward),
             "transpose_backward": backward, "image_reader_writer": "SimpleITKIO", "label_manager": "LabelManager",
             "foreground_intensity_properties_per_channel": {
