@@ -245,7 +245,7 @@ def test_resampled_segmentation_overlaps_the_moved_original():
     assert ImageGeometry.from_image(moved).same_grid_as(fixed_geometry)
     assert moved.GetPixelID() == segmentation.GetPixelID()
     # the same ellipsoid, moved into the fixed space analytically and drawn on the fixed grid
-    truth = sitk.GetArrayViewFromImage(_ellipsoid(fixed_geometry, center_fixed, axes @ matrix, radii)).astype(bool)
+    truth = sitk.GetArrayFromImage(_ellipsoid(fixed_geometry, center_fixed, axes @ matrix, radii)).astype(bool)
 
     def dice(image):
         a = sitk.GetArrayViewFromImage(image).astype(bool)
