@@ -63,11 +63,12 @@ def _box_around(mask: np.ndarray, margin: int = 1) -> tuple[slice, ...]:
     return tuple(slice(max(s.start - margin, 0), min(s.stop + margin, n)) for s, n in zip(box, mask.shape))
 
 
-def largest_component(mask: np.ndarray) -> np.ndarray:
-    """The largest face-connected piece of a mask (real MM-WHS labels hold stray single voxels)."""
-    components, n = ndimage.label(mask)
+def largest_component(mask: np.ndarray, structure: np.ndarray = FACE_NEIGHBOURS) -> np.ndarray:
+    """The largest connected piece of a mask, face-connected unless ``structure`` says otherwise (real MM-WHS labels
+    hold stray single voxels, predicted segmentations a few stray specks); an empty mask stays empty."""
+    components, n = ndimage.label(mask, structure=structure)
     if n <= 1:
-        return mask
+        return components > 0
     return components == (np.argmax(np.bincount(components.ravel())[1:]) + 1)
 
 

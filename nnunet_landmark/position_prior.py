@@ -4,10 +4,10 @@ A landmark network predicts a heatmap per landmark and a segmentation. On a shor
 minimum lies 5-20 mm from the landmark) while the segmentation is good, and a landmark sits at a consistent place
 relative to the anatomy the network segments. This module learns that place and combines it with the heatmap:
 
-* **Frame of a structure** (one label, or all foreground labels together): its centroid, its principal axis (sign
-  fixed against a reference axis learned from the training cases), the roll about that axis fixed by a world (LPS)
-  axis, and its size (square root of the largest variance, mm). World axes, not array axes, so a scan whose direction
-  cosines flip an axis gives the same frame.
+* **Frame of a structure** (one label, or all foreground labels together; its largest connected piece): its centroid,
+  its principal axis (sign fixed against a reference axis learned from the training cases), the roll about that axis
+  fixed by a world (LPS) axis, and its size (square root of the largest variance, mm). World axes, not array axes, so
+  a scan whose direction cosines flip an axis gives the same frame.
 * **Prior** (``PositionPrior.fit``, from the reference labels and landmarks of the training cases): for each landmark,
   the mean and covariance of its frame coordinates (divided by the size), for the structure whose frame predicts it
   best in leave-one-out over the training cases. Nothing is specific to a landmark or a label.
@@ -15,9 +15,9 @@ relative to the anatomy the network segments. This module learns that place and 
   the predicted segmentation) times the heatmap's likelihood ``exp(-d(x)^2 / (2 tau^2))``, ``d(x)`` the distance the
   heatmap says ``x`` is from the landmark. The raw heatmap extremum is kept beside it in every output.
 
-Moments (count, mean, covariance) are accumulated slab by slab, so a full-size CT costs one pass and no full-volume
-float temporaries; they are computed in preprocessed voxels and mapped to world mm through the affine of
-``geometry.CaseGeometry``.
+Moments (count, mean, covariance) come from one int16 label volume, built slab by slab (no full-volume float
+temporaries) at a sampling stride that keeps a full-size CT at ~8M voxels; they are computed in preprocessed voxels
+and mapped to world mm through the affine of ``geometry.CaseGeometry``.
 """
 from __future__ import annotations
 
@@ -25,8 +25,10 @@ from dataclasses import dataclass, replace
 from typing import Callable, Mapping, Sequence
 
 import numpy as np
+from scipy import ndimage
 
 from nnunet_landmark.heatmap import _valid_at
+from nnunet_landmark.label_landmarks import largest_component
 
 ALL_FOREGROUND = 0  # structure key: every foreground label together (0 is never a foreground label in nnU-Net)
 # added to the prior's standard deviation in every direction (squared), and the least SD of the boundary guard: a
@@ -68,18 +70,43 @@ def sampling_stride(shape: Sequence[int], max_voxels: int = MOMENT_SAMPLE_VOXELS
 
 def structure_moments(labels, affine: tuple[np.ndarray, np.ndarray], slab_voxels: int = SLAB_VOXELS,
                       to_labels: Callable[[np.ndarray], np.ndarray] | None = None,
-                      stride: int = 1) -> dict[int, Moments]:
+                      stride: int = 1, largest_piece: bool = True) -> dict[int, Moments]:
     """Moments of every foreground label (> 0) and of all of them together (``ALL_FOREGROUND``), world mm.
 
     ``labels``: a (Z, Y, X) or (1, Z, Y, X) label array in preprocessed voxels (numpy, or anything sliced like one,
     e.g. nnU-Net's blosc2 arrays), or (C, Z, Y, X) that ``to_labels`` turns into labels slab by slab (segmentation
     logits). ``affine``: (A, b), preprocessed index -> world mm. ``stride`` > 1 samples every stride-th voxel along
     each axis (a full-size CT's structures keep their moments to a fraction of a voxel at a fraction of the cost).
+    ``largest_piece``: each structure's moments come from its largest face-connected piece. A few stray voxels far
+    from a structure move its second moments, so its axis and size, by millimetres (3 + 1 + 1 voxels beside a
+    1281-voxel predicted LV put a prior 4.0 mm off, 2.8 mm without them).
     """
+    volume = _label_volume(labels, slab_voxels, to_labels, stride)
+    boxes = ndimage.find_objects(np.maximum(volume, 0))
+    structures = [(value + 1, box) for value, box in enumerate(boxes) if box is not None]
+    if structures:
+        union = tuple(slice(min(b[i].start for _, b in structures), max(b[i].stop for _, b in structures))
+                      for i in range(3))
+        structures.append((ALL_FOREGROUND, union))
+    a, b = affine
+    out = {}
+    for key, box in structures:
+        crop = volume[box]
+        mask = crop > 0 if key == ALL_FOREGROUND else crop == key
+        if largest_piece:
+            mask = largest_component(mask)
+        n, mean, cov = _index_moments(mask, np.array([s.start for s in box], dtype=np.float64), slab_voxels)
+        mean, cov = mean * stride, cov * stride * stride
+        out[key] = Moments(n, a @ mean + b, a @ cov @ a.T)
+    return out
+
+
+def _label_volume(labels, slab_voxels: int, to_labels, stride: int) -> np.ndarray:
+    """(Z, Y, X) labels at every ``stride``-th voxel (int16), converted slab by slab (no full-volume float copy)."""
     shape = labels.shape[-3:]
+    out = np.empty(tuple(len(range(0, n, stride)) for n in shape), dtype=np.int16)
     rows = max(1, slab_voxels * stride * stride // max(1, int(np.prod(shape[1:]))))
     rows = max(stride, rows - rows % stride)
-    sums: dict[int, list] = {}
     step = slice(None, None, stride)
     for start in range(0, shape[0], rows):
         box = slice(start, min(start + rows, shape[0]), stride)
@@ -88,25 +115,22 @@ def structure_moments(labels, affine: tuple[np.ndarray, np.ndarray], slab_voxels
             slab = to_labels(slab) if to_labels is not None else slab[0]
         else:
             slab = labels[box, step, step] if stride > 1 else labels[box]
-        slab = np.asarray(slab)
-        for value in np.unique(slab):
-            if value <= 0:
-                continue
-            z, y, x = np.nonzero(slab == value)
-            points = np.stack([z.astype(np.float64) * stride + start, y.astype(np.float64) * stride,
-                               x.astype(np.float64) * stride], axis=1)
-            for key in (int(value), ALL_FOREGROUND):
-                entry = sums.setdefault(key, [0, np.zeros(3), np.zeros((3, 3))])
-                entry[0] += len(points)
-                entry[1] += points.sum(axis=0)
-                entry[2] += points.T @ points
-    a, b = affine
-    out = {}
-    for key, (n, s, ss) in sums.items():
-        mean = s / n
-        cov = ss / n - np.outer(mean, mean)
-        out[key] = Moments(int(n), a @ mean + b, a @ cov @ a.T)
+        out[start // stride:start // stride + len(range(box.start, box.stop, stride))] = np.asarray(slab)
     return out
+
+
+def _index_moments(mask: np.ndarray, offset: np.ndarray, slab_voxels: int) -> tuple[int, np.ndarray, np.ndarray]:
+    """(count, mean, covariance) of a mask's voxel indices plus ``offset``, accumulated a slab of rows at a time."""
+    count, total, outer = 0, np.zeros(3), np.zeros((3, 3))
+    rows = max(1, slab_voxels // max(1, int(np.prod(mask.shape[1:]))))
+    for start in range(0, mask.shape[0], rows):
+        points = np.argwhere(mask[start:start + rows]).astype(np.float64)
+        points += offset + np.array([start, 0.0, 0.0])
+        count += len(points)
+        total += points.sum(axis=0)
+        outer += points.T @ points
+    mean = total / count
+    return count, mean, outer / count - np.outer(mean, mean)
 
 
 def _principal(cov: np.ndarray) -> tuple[np.ndarray, float]:
@@ -163,8 +187,6 @@ class LandmarkPrior:
 
 def signed_distance(mask: np.ndarray, spacing: Sequence[float]) -> np.ndarray:
     """Distance (mm) of every voxel centre to the other side of ``mask``'s boundary: > 0 outside, < 0 inside."""
-    from scipy import ndimage
-
     mask = np.asarray(mask, dtype=bool)
     if mask.all() or not mask.any():  # no boundary in view: only the side is known
         return np.full(mask.shape, -np.inf if mask.all() else np.inf)

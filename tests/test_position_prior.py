@@ -41,10 +41,12 @@ def test_moments_slab_by_slab_equal_the_whole_volume_and_logits_give_the_same():
     labels = rng.integers(0, 3, size=(9, 7, 5))
     a = rng.normal(size=(3, 3))
     b = rng.normal(size=3)
-    whole = structure_moments(labels, (a, b), slab_voxels=10 ** 9)
-    slabs = structure_moments(labels, (a, b), slab_voxels=35)  # one row of 7 x 5 at a time
+    # random labels are hundreds of pieces: every voxel counts here, the largest piece is tested below
+    whole = structure_moments(labels, (a, b), slab_voxels=10 ** 9, largest_piece=False)
+    slabs = structure_moments(labels, (a, b), slab_voxels=35, largest_piece=False)  # one row of 7 x 5 at a time
     logits = np.stack([(labels == c).astype(np.float32) for c in range(3)])
-    from_logits = structure_moments(logits, (a, b), slab_voxels=70, to_labels=lambda s: np.argmax(s, axis=0))
+    from_logits = structure_moments(logits, (a, b), slab_voxels=70, to_labels=lambda s: np.argmax(s, axis=0),
+                                    largest_piece=False)
     for key in (1, 2, ALL_FOREGROUND):
         index = np.argwhere(labels > 0 if key == ALL_FOREGROUND else labels == key).astype(float)
         world = index @ a.T + b
@@ -53,6 +55,35 @@ def test_moments_slab_by_slab_equal_the_whole_volume_and_logits_give_the_same():
             np.testing.assert_allclose(m.mean, world.mean(axis=0), rtol=1e-10, atol=1e-10)
             np.testing.assert_allclose(m.cov, np.cov(world.T, bias=True), rtol=1e-9, atol=1e-9)
     assert 0 not in whole or whole[0].count == np.count_nonzero(labels)
+
+
+def test_moments_come_from_each_structures_largest_piece_so_stray_specks_do_not_move_the_frame():
+    """Predicted segmentations hold a few stray voxels far from the structure: 3 + 1 + 1 beside a 1281-voxel LV moved
+    its prior 1.2 mm. Each structure's moments (and all foreground's) come from its largest face-connected piece, in
+    one slab or many, from labels or logits; without ``largest_piece`` the specks count."""
+    shape = (30, 40, 36)
+    z, y, x = np.ogrid[:shape[0], :shape[1], :shape[2]]
+    labels = np.zeros(shape, dtype=np.int16)
+    labels[((z - 12) / 8.0) ** 2 + ((y - 15) / 12.0) ** 2 + ((x - 14) / 6.0) ** 2 < 1] = 1
+    labels[((z - 12) / 4.0) ** 2 + ((y - 15) / 4.0) ** 2 + ((x - 21) / 4.0) ** 2 < 1] = 2  # overlaps label 1
+    clean = labels.copy()
+    labels[28, 38, 34] = labels[0, 39, 0] = 1  # specks of label 1, far away
+    labels[27:29, 2, 33] = 2
+    labels[29, 39, 35] = 2  # corner-touching a speck of label 1: face connectivity keeps them apart
+    labels[28, 38, 35] = 1
+    a, b = np.diag([0.8, 0.7, 1.1]), np.array([3.0, -2.0, 5.0])
+    expected = structure_moments(clean, (a, b), largest_piece=False)
+    logits = np.stack([(labels == c).astype(np.float32) for c in range(3)])
+    for moments in (structure_moments(labels, (a, b)), structure_moments(labels, (a, b), slab_voxels=40 * 36),
+                    structure_moments(logits, (a, b), slab_voxels=3 * 40 * 36, to_labels=lambda s: np.argmax(s, 0))):
+        for key in (1, 2, ALL_FOREGROUND):
+            assert moments[key].count == expected[key].count
+            np.testing.assert_allclose(moments[key].mean, expected[key].mean, atol=1e-10)
+            np.testing.assert_allclose(moments[key].cov, expected[key].cov, atol=1e-9)
+    every_voxel = structure_moments(labels, (a, b), largest_piece=False)
+    assert every_voxel[1].count == expected[1].count + 3
+    assert np.linalg.norm(every_voxel[1].mean - expected[1].mean) > 0.02
+    assert np.max(np.abs(every_voxel[1].cov - expected[1].cov)) > 0.4  # mm^2: 3 voxels of 2300
 
 
 def test_affine_of_reproduces_the_geometry():

@@ -20,9 +20,9 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal, Sequence
 
 import numpy as np
-from scipy import ndimage
 
 from nnunet_landmark.geometry import ImageGeometry
+from nnunet_landmark.label_landmarks import ALL_NEIGHBOURS, largest_component
 
 if TYPE_CHECKING:
     from nnunet_landmark.evaluation.folder import RawDataset
@@ -33,16 +33,6 @@ OffsetFrame = Literal["world", "image"]
 
 class BaselineError(ValueError):
     """A baseline that cannot be computed from its input (e.g. an empty segmentation)."""
-
-
-def largest_connected_component(mask: np.ndarray) -> np.ndarray:
-    """The largest 26-connected component of a boolean mask (an empty mask stays empty)."""
-    components, count = ndimage.label(mask, structure=np.ones((3, 3, 3), dtype=bool))
-    if count <= 1:
-        return components > 0
-    sizes = np.bincount(components.ravel())
-    sizes[0] = 0
-    return components == int(np.argmax(sizes))
 
 
 def long_axis(points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -80,7 +70,7 @@ def apex_from_segmentation(label_array_zyx: np.ndarray, geometry: ImageGeometry,
         raise BaselineError(f"expected a 3D label array (z, y, x), got shape {mask.shape}")
     if not mask.any():
         raise BaselineError(f"the segmentation holds no voxel of label {label}: no tip to find")
-    mask = largest_connected_component(mask)
+    mask = largest_component(mask, ALL_NEIGHBOURS)
     points = geometry.array_index_to_world(np.argwhere(mask).astype(np.float64))
     if len(points) < 2:
         return points[0]
