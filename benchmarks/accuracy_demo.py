@@ -90,6 +90,11 @@ def group_markdown(label: str, runs: list[tuple[str, dict]]) -> str:
         lines.append(f"| {name} (mm), {rule} of plain nnU-Net's LV | "
                      f"{stats([r['rule_errors_mm'][name] for r in plain])} | " + ", ".join(
                          f"{np.mean([r['rule_errors_mm'][name] for r in run['plain']]):.2f}" for _, run in runs) + " |")
+    for name in names:
+        lines.append(f"| {name}: distance outside the heart labels (mm, < 0 inside), what nnUNetv2_predict writes "
+                     f"/ the true landmark | {stats([r['outside_heart_mm'][name] for r in landmark])} / "
+                     f"{stats([r['truth_outside_heart_mm'][name] for r in landmark])} | "
+                     f"{per_run(lambda r: r['outside_heart_mm'][name])} |")
     lines.append(f"| apex (mm), mean position of the training apices | "
                  f"{stats([r['error_mean_position_mm'] for r in landmark])} | |")
     return "\n".join(lines) + "\n"

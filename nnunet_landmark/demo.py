@@ -64,13 +64,15 @@ class Step:
 def evaluate_test_set(prediction_folder: Path, test_root: Path, truth: dict, mean_position) -> list[dict]:
     """Per unseen case: LV Dice, the model's error per landmark (apex also as ``error_model_mm``), the heatmap
     extremum's, the rules' on the predicted LV and the apex's ``mean_position`` baseline (a fitted
-    ``MeanPositionBaseline``) errors (mm)."""
+    ``MeanPositionBaseline``) errors (mm); and how far each written landmark, and each true one, lies outside the
+    phantom's heart labels (``outside_heart_mm``, ``truth_outside_heart_mm``: signed mm, > 0 outside)."""
     import SimpleITK as sitk
 
     from nnunet_landmark.evaluation.baselines import apex_from_segmentation, base_from_segmentation
     from nnunet_landmark.evaluation.metrics import dice, landmark_error_mm, landmark_errors_mm
     from nnunet_landmark.geometry import ImageGeometry
     from nnunet_landmark.landmark_files import read_landmark_table, read_markups
+    from nnunet_landmark.position_prior import signed_distance
 
     table = prediction_folder / "landmarks.csv"
     table_rows = read_landmark_table(table) if table.exists() else []
@@ -88,13 +90,26 @@ def evaluate_test_set(prediction_folder: Path, test_root: Path, truth: dict, mea
                                  landmark_error_mm(base, landmarks[name]) for name in LANDMARKS}
         markups = prediction_folder / f"{case}.mrk.json"
         if markups.exists():
-            row["landmark_errors_mm"] = landmark_errors_mm(read_markups(markups), landmarks, LANDMARKS)
+            estimates = read_markups(markups)
+            row["landmark_errors_mm"] = landmark_errors_mm(estimates, landmarks, LANDMARKS)
+            heart = signed_distance(reference > 0, geometry.spacing[::-1])
+            row["outside_heart_mm"] = {name: _distance_at(heart, geometry, estimates[name]) for name in LANDMARKS}
+            row["truth_outside_heart_mm"] = {name: _distance_at(heart, geometry, landmarks[name])
+                                             for name in LANDMARKS}
             row["error_model_mm"] = row["landmark_errors_mm"]["apex"]
             extrema = {r["name"]: [float(r[f"heatmap_{a}"]) for a in "xyz"]
                        for r in table_rows if r["case"] == case}
             row["heatmap_extremum_errors_mm"] = landmark_errors_mm(extrema, landmarks, LANDMARKS)
         rows.append(row)
     return rows
+
+
+def _distance_at(distance: np.ndarray, geometry, world) -> float:
+    """A (z, y, x) signed-distance map (mm, > 0 outside) linearly interpolated at a world point."""
+    from scipy import ndimage
+
+    index = geometry.world_to_array_index(np.asarray(world, dtype=np.float64)[None])[0]
+    return float(ndimage.map_coordinates(distance, index[:, None], order=1, mode="nearest")[0])
 
 
 def test_set_markdown(landmark_rows: list[dict], plain_rows: list[dict]) -> str:

@@ -3,7 +3,8 @@
 Models trained by ``nnUNetTrainerLandmark`` record each fold's prior (``position_prior``) in their ``plans.json`` as
 they train. A model trained before nnunet-landmark had priors predicts the heatmap extremum; this command fits each
 fold's prior from the fold's training cases (their preprocessed reference segmentations, ``splits_final.json`` and
-world landmarks, as the trainer does) and records it, after which ``nnUNetv2_predict`` combines prior and heatmap.
+world landmarks, as the trainer does), with the heatmap's error on the fold's validation cases where the fold's
+``validation/landmarks.csv`` exists, and records it, after which ``nnUNetv2_predict`` combines prior and heatmap.
 
     nnUNetv2_landmark_fit_prior -d 801 -tr nnUNetTrainerLandmark -p nnUNetResEncUNetMPlans -c 3d_fullres -f 0 1 2
 """
@@ -23,8 +24,9 @@ def fit_model_priors(model_folder: str, folds: list[str]) -> dict:
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
     from nnunet_landmark.landmark_heads import LandmarkHeads, landmark_names_from_dataset_json, record_position_prior
-    from nnunet_landmark.layout import SPLITS_FILE
-    from nnunet_landmark.training.landmark_targets import fit_position_prior, load_world_landmarks
+    from nnunet_landmark.layout import LANDMARK_TABLE, SPLITS_FILE
+    from nnunet_landmark.training.landmark_targets import (fit_position_prior, heatmap_extremum_errors,
+                                                           load_world_landmarks)
 
     plans_file = join(model_folder, "plans.json")
     if not isfile(plans_file):
@@ -52,6 +54,11 @@ def fit_model_priors(model_folder: str, folds: list[str]) -> dict:
             cases = splits[int(fold)]["train"]
         world = load_world_landmarks(plans_manager.dataset_name, base, names, cases, write_cache=False)
         prior = fit_position_prior(data_folder, cases, world, plans_manager, configuration_manager, names)
+        table = join(model_folder, f"fold_{fold}", "validation", LANDMARK_TABLE)
+        if prior is not None and fold != "all" and isfile(table):  # the heatmap's validated error, as the trainer
+            val = splits[int(fold)]["val"]
+            val_world = load_world_landmarks(plans_manager.dataset_name, base, names, val, write_cache=False)
+            prior = prior.with_heatmap_errors(heatmap_extremum_errors(table, val_world, names, val))
         record_position_prior(plans_file, f"fold_{fold}", prior)
         fitted[f"fold_{fold}"] = prior
     return fitted
@@ -74,8 +81,10 @@ def main(argv: list[str] | None = None) -> None:
         if prior is None:
             print(f"{key}: fewer than 3 training cases, no prior")
             continue
-        print(f"{key}: " + ", ".join(f"{n} (structure {p.structure}, leave-one-out {p.loo_rms_mm:.2f} mm)"
-                                     for n, p in prior.landmarks.items()))
+        print(f"{key}: " + ", ".join(
+            f"{n} (structure {p.structure}, leave-one-out {p.loo_rms_mm:.2f} mm, heatmap "
+            + ("error on validation unknown" if p.heatmap_error_mm is None else
+               f"{p.heatmap_error_mm:.2f} mm RMS on validation") + ")" for n, p in prior.landmarks.items()))
     print(f"recorded in {join(folder, 'plans.json')}")
 
 

@@ -40,8 +40,9 @@ from nnunet_landmark.heatmap import decode_heatmap
 from nnunet_landmark.landmark_files import format_landmark_rows, write_markups
 from nnunet_landmark.landmark_heads import LandmarkHeads
 from nnunet_landmark.layout import HEATMAP_FOLDER, LANDMARK_TABLE, locked_folder
-from nnunet_landmark.position_prior import (SURFACE_MARGIN_MM, affine_of, combine_with_heatmap, pooled_prediction,
-                                            sampling_stride, signed_distance, structure_mask, structure_moments)
+from nnunet_landmark.position_prior import (SURFACE_MARGIN_MM, affine_of, combine_with_heatmap, pooled_heatmap_error,
+                                            pooled_prediction, sampling_stride, signed_distance, structure_mask,
+                                            structure_moments)
 
 TABLE_EXTRA_COLUMNS = ("i", "j", "k", "confidence", "heatmap_x", "heatmap_y", "heatmap_z", "estimator")
 
@@ -136,7 +137,8 @@ def decode_landmarks(heatmap_logits: Union[np.ndarray, torch.Tensor], properties
     (its step size, recorded by ``nnunet_integration``) averaged reliably are searched. With the model's position
     priors (``heads.position_priors``) and the (C, ...) ``segmentation_logits``, ``world`` combines the prior, placed in
     the frame of the predicted segmentation, with the heatmap (``position_prior.combine_with_heatmap``; estimator
-    ``"prior+heatmap"``); otherwise it is the heatmap extremum (estimator ``"heatmap"``). No full-volume temporaries.
+    ``"prior+heatmap"``), which weighs as much as its extremum's error on the folds' validation cases allows where the
+    trainer measured it; otherwise it is the heatmap extremum (estimator ``"heatmap"``). No full-volume temporaries.
     """
     if isinstance(heatmap_logits, torch.Tensor):
         heatmap_logits = heatmap_logits.detach().cpu().numpy()
@@ -165,7 +167,10 @@ def decode_landmarks(heatmap_logits: Union[np.ndarray, torch.Tensor], properties
         if prediction is not None:
             surface = _surface_factor(heads.position_priors, name, segmentation_logits, to_labels,
                                       geometry.preprocessed_spacing)
-            combined = combine_with_heatmap(logits, heads.encoding, valid, affine, *prediction, surface=surface)
+            error_mm = pooled_heatmap_error(heads.position_priors, name)
+            point = None if error_mm is None else (geometry.preprocessed_to_world(decoded.position), error_mm)
+            combined = combine_with_heatmap(logits, heads.encoding, valid, affine, *prediction, surface=surface,
+                                            heatmap_point=point)
             if combined is not None:
                 position, estimator = combined, "prior+heatmap"
         out[name] = {"world": geometry.preprocessed_to_world(position),

@@ -173,6 +173,48 @@ def test_combination_follows_the_prior_for_a_flat_heatmap_and_the_heatmap_where_
     assert combine_with_heatmap(flat, encoding, None, affine, np.array([500.0, 0, 0]), prior_cov) is None
 
 
+def test_a_validated_heatmap_weighs_by_its_error_and_one_far_off_extremum_barely_moves_the_estimate():
+    """With the heatmap's validated RMS error the extremum enters as a Student-t of that width: an accurate heatmap
+    (0.5 mm) takes the estimate to its extremum, an inaccurate one (20 mm) leaves the prior (4 mm SD) in charge, and
+    an extremum 45 mm off moves it less than a Gaussian of the same width would."""
+    from nnunet_landmark.position_prior import HEATMAP_DOF
+
+    encoding = HeatmapEncoding(max_distance_mm=100.0, scale_mm=20.0)
+    shape, spacing = (40, 40, 60), np.array([2.0, 2.0, 2.0])
+    affine = (np.diag(spacing), np.zeros(3))
+    prior_mean, prior_cov = np.array([40.0, 40.0, 40.0]), np.eye(3) * 16.0  # voxel (20, 20, 20), 4 mm SD
+    flat = np.zeros(shape, np.float32)  # the heatmap's values play no part once its error is known
+    extremum = np.array([46.0, 40.0, 40.0])  # 6 mm from the prior's mean, voxel (23, 20, 20)
+    sharp = combine_with_heatmap(flat, encoding, None, affine, prior_mean, prior_cov, heatmap_point=(extremum, 0.5))
+    blunt = combine_with_heatmap(flat, encoding, None, affine, prior_mean, prior_cov, heatmap_point=(extremum, 20.0))
+    assert np.linalg.norm(sharp - [23, 20, 20]) < 0.3, sharp  # voxels of 2 mm; the error is floored at 1 mm
+    assert 20.0 < blunt[0] < 20.3 and np.allclose(blunt[1:], 20, atol=1e-6), blunt
+    # the weight: with a small pull the shift is prior variance / (prior variance + t variance) of the offset
+    t_scale = 20.0 ** 2 * HEATMAP_DOF / (HEATMAP_DOF + 3)  # curvature of the t's cost at its centre
+    np.testing.assert_allclose((blunt[0] - 20) * 2, 6 * (17 / (17 + t_scale)), rtol=0.15)
+    far = np.array([40.0 + 45.0, 40.0, 40.0])
+    robust = combine_with_heatmap(flat, encoding, None, affine, prior_mean, prior_cov, heatmap_point=(far, 10.0))
+    gaussian_shift = 45 * 17 / (17 + 100)  # what a Gaussian of 10 mm would do, in mm (about 6.5)
+    assert 0 < (robust[0] - 20) * 2 < gaussian_shift / 2, robust
+
+
+def test_heatmap_errors_from_validation_are_an_rms_and_need_two_cases():
+    rng = np.random.default_rng(5)
+    cases = [ellipsoid_case(rng) for _ in range(4)]
+    prior = PositionPrior.fit([(_moments(l, g), p) for l, g, p in cases], ["tip", "side"])
+    assert all(p.heatmap_error_mm is None for p in prior.landmarks.values())
+    weighed = prior.with_heatmap_errors({"tip": [3.0, 4.0, float("nan")], "side": [7.0]})
+    assert weighed.landmarks["tip"].heatmap_error_mm == pytest.approx(np.sqrt(12.5))
+    assert weighed.landmarks["side"].heatmap_error_mm is None  # one case says too little
+    import json
+    again = PositionPrior.from_dict(json.loads(json.dumps(weighed.to_dict())))
+    assert again.landmarks["tip"].heatmap_error_mm == weighed.landmarks["tip"].heatmap_error_mm
+    from nnunet_landmark.position_prior import pooled_heatmap_error
+    other = prior.with_heatmap_errors({"tip": [1.0, 1.0]})
+    assert pooled_heatmap_error([weighed, other], "tip") == pytest.approx(np.sqrt((12.5 + 1.0) / 2))
+    assert pooled_heatmap_error([prior], "tip") is None and pooled_heatmap_error([weighed], "side") is None
+
+
 def test_pooling_averages_folds_and_skips_missing_structures():
     rng = np.random.default_rng(5)
     cases = [ellipsoid_case(rng) for _ in range(8)]

@@ -483,8 +483,9 @@ def test_python_predictor_returns_segmentation_and_landmarks(landmark_model, sin
 
 def test_training_records_the_position_prior_and_fit_prior_reproduces_it(landmark_model, tmp_path):
     """The trainer learns each landmark's position prior from its fold's training cases (reference segmentations
-    and landmarks) and records it in the model's plans.json; ``nnUNetv2_landmark_fit_prior`` (for models trained
-    before priors existed) fits exactly the same from the same cases."""
+    and landmarks), with the heatmap's error on its validation cases, and records it in the model's plans.json;
+    ``nnUNetv2_landmark_fit_prior`` (for models trained before priors existed) fits exactly the same from the same
+    cases and the fold's validation landmarks."""
     plans = json.loads((landmark_model["folder"] / "plans.json").read_text())
     recorded = plans["nnunet_landmark"]["position_priors"]["fold_0"]
     assert sorted(recorded) == sorted(LANDMARKS)
@@ -492,6 +493,13 @@ def test_training_records_the_position_prior_and_fit_prior_reproduces_it(landmar
     for prior in recorded.values():
         assert prior["cases"] == len(splits[0]["train"]) == 8
         assert prior["loo_rms_mm"] > 0
+    # after the final validation the prior holds the heatmap extremum's RMS error on the fold's validation cases
+    summary = json.loads((landmark_model["folder"] / "fold_0" / "validation" / "landmark_summary.json").read_text())
+    for name in LANDMARKS:
+        raw = summary["per_landmark_heatmap_extremum"][name]
+        assert raw["n"] == len(splits[0]["val"]) >= 2
+        rms = np.sqrt(raw["mean"] ** 2 + raw["sd"] ** 2 * (raw["n"] - 1) / raw["n"])
+        np.testing.assert_allclose(recorded[name]["heatmap_error_mm"], rms, rtol=1e-9)
     # a copy of the model without priors, as an older version trained it
     env = {**landmark_model["env"], "nnUNet_results": str(tmp_path / "results")}
     copy = tmp_path / "results" / DATASET / landmark_model["folder"].name

@@ -108,6 +108,22 @@ def fit_position_prior(preprocessed_folder: str, cases: Sequence[str], world_lan
     return PositionPrior.fit(fitted, landmark_names, surface_distance)
 
 
+def heatmap_extremum_errors(table_file: str, world_landmarks: dict, landmark_names: Sequence[str],
+                            cases: Sequence[str]) -> dict[str, list[float]]:
+    """{landmark: errors (mm)} of the heatmap extrema (``heatmap_x,y,z``) that a landmark table (the ``landmarks.csv``
+    of a validation or prediction folder) holds for ``cases``, against their world landmarks."""
+    from nnunet_landmark.evaluation.metrics import landmark_error_mm
+    from nnunet_landmark.landmark_files import read_landmark_table
+
+    errors: dict[str, list[float]] = {}
+    for row in read_landmark_table(table_file):
+        if row["case"] in cases and row["name"] in landmark_names and row.get("heatmap_x"):
+            reference = world_landmarks[row["case"]][list(landmark_names).index(row["name"])]
+            point = [float(row[f"heatmap_{a}"]) for a in "xyz"]
+            errors.setdefault(row["name"], []).append(landmark_error_mm(point, reference))
+    return errors
+
+
 def boundary_distance(seg, geometry: CaseGeometry, structure: int, point: np.ndarray,
                       margin_mm: float = SURFACE_MARGIN_MM) -> float:
     """Signed distance (mm, > 0 outside) of a world point from ``structure``'s boundary in a preprocessed (1, Z, Y, X)

@@ -11,7 +11,8 @@ base class's; this class adds what is new:
 * the log gains the heatmap loss and a per-epoch landmark error in mm (also in progress.png);
 * a landmark position prior is learned from the fold's training cases (``position_prior``; recorded per fold in the
   plans), which prediction combines with the heatmap;
-* the final validation also writes each case's landmarks and ``landmark_summary.json``.
+* the final validation also writes each case's landmarks and ``landmark_summary.json``, and records in the prior how
+  far the heatmap's extremum was off there, which decides how much prediction trusts the heatmap.
 """
 from __future__ import annotations
 
@@ -28,14 +29,15 @@ from torch import distributed as dist
 from nnunet_landmark import nnunet_integration
 from nnunet_landmark.heatmap import HeatmapEncoding, decode_heatmap
 from nnunet_landmark.inference import export_prediction_with_landmarks
-from nnunet_landmark.evaluation.metrics import landmark_error_mm, landmark_errors_mm, summarize
-from nnunet_landmark.landmark_files import LandmarkFileError, read_landmark_table, read_markups
+from nnunet_landmark.evaluation.metrics import landmark_errors_mm, summarize
+from nnunet_landmark.landmark_files import LandmarkFileError, read_markups
 from nnunet_landmark.landmark_heads import (LandmarkHeads, landmark_names_from_dataset_json, record_position_prior,
                                             recorded_position_priors, set_position_prior)
 from nnunet_landmark.layout import LANDMARK_SUMMARY, LANDMARK_TABLE, markups_path
 from nnunet_landmark.raw_dataset import save_json
 from nnunet_landmark.training.data_loading import nnUNetLandmarkDataLoader
-from nnunet_landmark.training.landmark_targets import copy_raw_splits, fit_position_prior, load_landmark_targets
+from nnunet_landmark.training.landmark_targets import (copy_raw_splits, fit_position_prior, heatmap_extremum_errors,
+                                                       load_landmark_targets)
 from nnunet_landmark.training.loss import SegmentationHeatmapLoss
 from nnunet_landmark.training.progress_logging import LandmarkLocalLogger
 
@@ -278,12 +280,8 @@ class nnUNetTrainerLandmark(nnUNetTrainer):
         if problems:
             raise RuntimeError("validation landmarks missing:\n  " + "\n  ".join(problems))
         # the heatmap's own extremum, which the table keeps beside the estimate
-        extremum: dict = {}
-        for row in read_landmark_table(join(folder, LANDMARK_TABLE)):
-            if row["case"] in per_case and row.get("heatmap_x"):
-                point = [float(row[f"heatmap_{a}"]) for a in "xyz"]
-                reference = self.world_landmarks[row["case"]][self.landmark_names.index(row["name"])]
-                extremum.setdefault(row["name"], []).append(landmark_error_mm(point, reference))
+        extremum = heatmap_extremum_errors(join(folder, LANDMARK_TABLE), self.world_landmarks, self.landmark_names,
+                                           list(per_case))
         summary = {"landmarks": list(self.landmark_names), "unit": "mm", "coordinate_system": "LPS",
                    "per_case": per_case,
                    "per_landmark": {n: _summary([e[n] for e in per_case.values()]) for n in self.landmark_names},
@@ -296,7 +294,21 @@ class nnUNetTrainerLandmark(nnUNetTrainer):
                                    f"{stats['median']:.2f}, max {stats['max']:.2f}, n={stats['n']}); heatmap "
                                    f"extremum alone: " + (f"{raw['mean']:.2f} mm" if raw["n"] else "n/a"),
                                    also_print_to_console=True)
+        self._weigh_heatmap_by_validation(extremum)
         return summary
+
+    def _weigh_heatmap_by_validation(self, extremum_errors: dict) -> None:
+        """Record in the prior how far the heatmap extremum was off on this fold's validation cases: prediction then
+        weighs the heatmap against the prior by that error (``position_prior.combine_with_heatmap``)."""
+        if self.position_prior is None:
+            return
+        self.position_prior = self.position_prior.with_heatmap_errors(extremum_errors)
+        set_position_prior(self.plans_manager.plans, self._fold_key, self.position_prior)
+        self._record_position_prior()
+        for name, p in self.position_prior.landmarks.items():
+            if p.heatmap_error_mm is not None:
+                self.print_to_log_file(f"{name}: the heatmap is weighed by its validation error, "
+                                       f"{p.heatmap_error_mm:.2f} mm RMS")
 
 
 __all__ = [name for name, value in list(globals().items())
