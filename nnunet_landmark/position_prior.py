@@ -12,8 +12,11 @@ relative to the anatomy the network segments. This module learns that place and 
   the mean and covariance of its frame coordinates (divided by the size), for the structure whose frame predicts it
   best in leave-one-out over the training cases. Nothing is specific to a landmark or a label.
 * **Estimate** (``combine_with_heatmap``): the posterior mean of the prior (a Gaussian in world mm, from the frame of
-  the predicted segmentation) times the heatmap's likelihood ``exp(-d(x)^2 / (2 tau^2))``, ``d(x)`` the distance the
-  heatmap says ``x`` is from the landmark. The raw heatmap extremum is kept beside it in every output.
+  the predicted segmentation) times the heatmap's likelihood: a Student-t around the heatmap's extremum whose width is
+  the extremum's RMS error on the fold's validation cases (``LandmarkPrior.heatmap_error_mm``, recorded by the
+  trainer's final validation), so a heatmap weighs what it proved on held-out cases; for a model without that
+  measurement, ``exp(-d(x)^2 / (2 tau^2))``, ``d(x)`` the distance the heatmap says ``x`` is from the landmark. The
+  raw heatmap extremum is kept beside it in every output.
 
 Moments (count, mean, covariance) come from one int16 label volume, built slab by slab (no full-volume float
 temporaries) at a sampling stride that keeps a full-size CT at ~8M voxels; they are computed in preprocessed voxels
@@ -36,8 +39,9 @@ ALL_FOREGROUND = 0  # structure key: every foreground label together (0 is never
 # phantoms the wider guard took the mitral valve from 1.63 to 1.26 mm (a 3 mm prior floor with a 1 mm guard did
 # nothing); it stays 1 mm until the guard's width is settled on real anatomy (the guard exists for a real CT's apex)
 PRIOR_FLOOR_MM = 1.0
-# width of the heatmap likelihood, the scale of a short budget's heatmap errors (10-20 mm at its extremum): of 5, 10,
-# 20 and 40 mm, 20 gave the best apex and mitral valve with little loss at the aortic valve (benchmarks/ACCURACY.md)
+# width of the heatmap likelihood for models without a validated heatmap error, the scale of a short budget's heatmap
+# errors (10-20 mm at its extremum): of 5, 10, 20 and 40 mm, 20 gave the best apex and mitral valve with little loss at
+# the aortic valve on one model; on six, 40 (and the prior alone) did better (benchmarks/ACCURACY.md)
 HEATMAP_TAU_MM = 20.0
 MIN_CASES = 3
 MIN_HEATMAP_CASES = 2  # validation cases needed to weigh the heatmap by its measured error
