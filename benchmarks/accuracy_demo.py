@@ -10,7 +10,8 @@ is one training seed). Every number is recomputed here from the prediction files
 (``nnunet_landmark.demo.evaluate_test_set``): LV Dice of both models (and the paired difference), and per landmark
 the error of what ``nnUNetv2_predict`` wrote, of the heatmap's extremum alone (``landmarks.csv``), and of the best
 rule on the model's own predicted LV (its tip for the apex, its base centre for the valves), plus the tip of plain
-nnU-Net's LV and the mean training position. Writes a markdown section (``--output``) and the rows as JSON.
+nnU-Net's LV and the mean training position. Writes a markdown section (``--output``), the rows as JSON and a box
+plot per landmark (``<output>_groups.png``).
 """
 from __future__ import annotations
 
@@ -100,6 +101,35 @@ def group_markdown(label: str, runs: list[tuple[str, dict]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def plot_groups(groups: "OrderedDict[str, list]", png: Path) -> None:
+    """Box plots per landmark: what nnUNetv2_predict writes, the heatmap extremum and the rule on the model's LV, for
+    every group (log scale: the extremum is tens of mm off where the estimate is one or two)."""
+    import matplotlib
+    matplotlib.use("agg")
+    import matplotlib.pyplot as plt
+
+    names = next(iter(groups.values()))[0][1]["landmarks"]
+    series = (("landmark_errors_mm", "written"), ("heatmap_extremum_errors_mm", "heatmap extremum"),
+              ("rule_errors_mm", "rule on own LV"))
+    fig, axes = plt.subplots(1, len(names), figsize=(5 * len(names), 5), sharey=True)
+    for ax, name in zip(np.atleast_1d(axes), names):
+        data, labels = [], []
+        for label, runs in groups.items():
+            rows = [r for _, run in runs for r in run["landmark"]]
+            for key, short in series:
+                data.append([r[key][name] for r in rows])
+                labels.append(f"{label[:24]}\n{short}")
+        ax.boxplot(data, showmeans=True)
+        ax.set_xticks(range(1, len(labels) + 1), labels, rotation=90, fontsize=7)
+        ax.set_yscale("log")
+        ax.set_title(name)
+        ax.grid(axis="y", alpha=0.3)
+    np.atleast_1d(axes)[0].set_ylabel("error (mm), unseen phantoms")
+    fig.tight_layout()
+    fig.savefig(png, dpi=90)
+    plt.close(fig)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", action="append", required=True, help="LABEL:DEMO_OUTPUT_FOLDER (repeat)")
@@ -121,6 +151,9 @@ def main() -> None:
             "for the valves (the best we could write on an LV-only segmentation).", ""]
     if args.notes:
         text += [Path(args.notes).read_text().strip(), ""]
+    png = Path(args.output).with_name(Path(args.output).stem + "_groups.png")  # not *_errors.png: accuracy_errors.png exists
+    plot_groups(groups, png)
+    text += [f"![errors per landmark and group]({png.name})", ""]
     for label, runs in groups.items():
         text.append(group_markdown(label, runs))
     Path(args.output).write_text("\n".join(text))

@@ -61,9 +61,10 @@ def test_landmark_model_learns_on_cpu(learned_model, tmp_path):
               for n in LANDMARKS}
     print(json.dumps({"landmark_errors": report, "lv_dice": np.round(dices, 3).tolist()}, indent=1))
     assert np.mean(dices) > 0.8, dices
-    # the estimate combines the position prior (in the frame of the predicted LV) with the heatmap; the table keeps
-    # the heatmap's own extremum. Measured with this budget in the demo's setting (two runs, 20 unseen phantoms):
-    # apex 1.38 mm mean, 3.1 max, against 8.5 / 27.2 for the heatmap extremum (benchmarks/ACCURACY.md).
+    # the estimate combines the position prior (in the frame of the predicted LV) with the heatmap, weighed by its
+    # validation error; the table keeps the heatmap's own extremum. Measured with this budget in the demo's setting
+    # (six runs, 60 unseen phantoms): apex 1.26 mm mean, 3.97 max, against 8.8 / 45.8 for the heatmap extremum
+    # (benchmarks/ACCURACY.md).
     table = read_landmark_table(out / "landmarks.csv")
     assert {r["estimator"] for r in table} == {"prior+heatmap"}
     extremum_errors = {n: [landmark_error_mm([float(r[f"heatmap_{a}"]) for a in "xyz"], truth[r["case"]][n])
