@@ -163,12 +163,13 @@ def decode_landmarks(heatmap_logits: Union[np.ndarray, torch.Tensor], properties
         decoded = decode_heatmap(logits, heads.encoding, geometry.preprocessed_spacing, refine=refine,
                                  name=f"{case}/{name}", already_sigmoid=False, valid=valid)
         position, estimator = decoded.position, "heatmap"
+        heatmap_world = geometry.preprocessed_to_world(decoded.position)
         prediction = pooled_prediction(heads.position_priors, name, moments) if moments is not None else None
         if prediction is not None:
             surface = _surface_factor(heads.position_priors, name, segmentation_logits, to_labels,
                                       geometry.preprocessed_spacing)
             error_mm = pooled_heatmap_error(heads.position_priors, name)
-            point = None if error_mm is None else (geometry.preprocessed_to_world(decoded.position), error_mm)
+            point = None if error_mm is None else (heatmap_world, error_mm)
             combined = combine_with_heatmap(logits, heads.encoding, valid, affine, *prediction, surface=surface,
                                             heatmap_point=point)
             if combined is not None:
@@ -176,7 +177,7 @@ def decode_landmarks(heatmap_logits: Union[np.ndarray, torch.Tensor], properties
         out[name] = {"world": geometry.preprocessed_to_world(position),
                      "index": geometry.preprocessed_to_image_index(position),
                      "confidence": decoded.confidence,
-                     "heatmap_world": geometry.preprocessed_to_world(decoded.position),
+                     "heatmap_world": heatmap_world,
                      "estimator": estimator}
     return out
 

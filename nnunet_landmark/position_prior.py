@@ -312,8 +312,9 @@ def combine_with_heatmap(heatmap, encoding, valid, affine: tuple[np.ndarray, np.
     the signed distance (mm) from the predicted structure's boundary over a box of slices, mean, SD): the landmark's
     learned distance from that boundary enters as one more Gaussian factor, which keeps the estimate on the anatomy
     where the frame of a differently shaped structure would carry it off. ``heatmap_point``: (the heatmap
-    extremum in world mm, its validated RMS error in mm): the heatmap enters as a Gaussian of that width around its
-    extremum instead of through ``tau_mm`` and its distance values, so it weighs what it proved on held-out cases.
+    extremum in world mm, its validated RMS error in mm): the heatmap enters as a Student-t (``HEATMAP_DOF``) of that
+    width around its extremum instead of through ``tau_mm`` and its distance values, so it weighs what it proved on
+    held-out cases.
     """
     a, b = affine
     cov = prior_cov + PRIOR_FLOOR_MM ** 2 * np.eye(3)
