@@ -9,9 +9,10 @@ the landmark model and plain nnU-Net trained with the same budget). Runs with th
 is one training seed). Every number is recomputed here from the prediction files with the demo's own evaluation
 (``nnunet_landmark.demo.evaluate_test_set``): LV Dice of both models (and the paired difference), and per landmark
 the error of what ``nnUNetv2_predict`` wrote, of the heatmap's extremum alone (``landmarks.csv``), and of the best
-rule on the model's own predicted LV (its tip for the apex, its base centre for the valves), plus the tip of plain
-nnU-Net's LV and the mean training position. Writes a markdown section (``--output``), the rows as JSON and a box
-plot per landmark (``<output>_groups.png``).
+rule on the model's own predicted segmentation (``demo.segmentation_rules``: the LV's tip for the apex; for a valve
+the structure next to it where the dataset segments it, else the centre of the LV's base), the same rule on plain
+nnU-Net's segmentation, and the mean training position. Writes a markdown section (``--output``), the rows as JSON
+and a box plot per landmark (``<output>_groups.png``).
 """
 from __future__ import annotations
 
@@ -52,8 +53,12 @@ def evaluate_run(folder: Path) -> dict:
 
 
 def stats(values, digits: int = 2) -> str:
+    """mean / median / max; a rule that found no structure (NaN) is left out and counted."""
     v = np.asarray(values, dtype=float)
-    return f"{v.mean():.{digits}f} / {np.median(v):.{digits}f} / {v.max():.{digits}f}"
+    missing = int(np.isnan(v).sum())
+    v = v[~np.isnan(v)]
+    text = f"{v.mean():.{digits}f} / {np.median(v):.{digits}f} / {v.max():.{digits}f}"
+    return text + (f" ({missing} without the structure)" if missing else "")
 
 
 def group_markdown(label: str, runs: list[tuple[str, dict]]) -> str:
@@ -67,7 +72,7 @@ def group_markdown(label: str, runs: list[tuple[str, dict]]) -> str:
              "| | mean / median / max | per run (mean) |", "|---|---|---|"]
 
     def per_run(key):
-        return ", ".join(f"{np.mean([key(r) for r in run['landmark']]):.3f}" for _, run in runs)
+        return ", ".join(f"{np.nanmean([key(r) for r in run['landmark']]):.3f}" for _, run in runs)
 
     lines.append(f"| LV Dice, landmark model | {stats([r['dice'] for r in landmark], 3)} | "
                  f"{per_run(lambda r: r['dice'])} |")
@@ -84,13 +89,15 @@ def group_markdown(label: str, runs: list[tuple[str, dict]]) -> str:
         lines.append(f"| {name} (mm), heatmap extremum alone | "
                      f"{stats([r['heatmap_extremum_errors_mm'][name] for r in landmark])} | "
                      f"{per_run(lambda r: r['heatmap_extremum_errors_mm'][name])} |")
-        rule = "geometric tip" if name == "apex" else "base centre"
-        lines.append(f"| {name} (mm), {rule} of the landmark model's LV | "
+        rule = landmark[0].get("rule_names", {}).get(name) or ("geometric tip of the LV" if name == "apex"
+                                                               else "centre of the LV's base")
+        lines.append(f"| {name} (mm), {rule}, landmark model's segmentation | "
                      f"{stats([r['rule_errors_mm'][name] for r in landmark])} | "
                      f"{per_run(lambda r: r['rule_errors_mm'][name])} |")
-        lines.append(f"| {name} (mm), {rule} of plain nnU-Net's LV | "
+        lines.append(f"| {name} (mm), {rule}, plain nnU-Net's segmentation | "
                      f"{stats([r['rule_errors_mm'][name] for r in plain])} | " + ", ".join(
-                         f"{np.mean([r['rule_errors_mm'][name] for r in run['plain']]):.2f}" for _, run in runs) + " |")
+                         f"{np.nanmean([r['rule_errors_mm'][name] for r in run['plain']]):.2f}"
+                         for _, run in runs) + " |")
     for name in names:
         lines.append(f"| {name}: distance outside the heart labels (mm, < 0 inside), what nnUNetv2_predict writes "
                      f"/ the true landmark | {stats([r['outside_heart_mm'][name] for r in landmark])} / "
@@ -110,14 +117,14 @@ def plot_groups(groups: "OrderedDict[str, list]", png: Path) -> None:
 
     names = next(iter(groups.values()))[0][1]["landmarks"]
     series = (("landmark_errors_mm", "written"), ("heatmap_extremum_errors_mm", "heatmap extremum"),
-              ("rule_errors_mm", "rule on own LV"))
+              ("rule_errors_mm", "rule on own segmentation"))
     fig, axes = plt.subplots(1, len(names), figsize=(5 * len(names), 5), sharey=True)
     for ax, name in zip(np.atleast_1d(axes), names):
         data, labels = [], []
         for label, runs in groups.items():
             rows = [r for _, run in runs for r in run["landmark"]]
             for key, short in series:
-                data.append([r[key][name] for r in rows])
+                data.append([v for v in (r[key][name] for r in rows) if np.isfinite(v)])
                 labels.append(f"{label[:24]}\n{short}")
         ax.boxplot(data, showmeans=True)
         ax.set_xticks(range(1, len(labels) + 1), labels, rotation=90, fontsize=7)
@@ -147,8 +154,10 @@ def main() -> None:
             "nnU-Net with the same CPU budget (2000 iterations, Adam). Each run is one training seed; errors in mm as "
             "mean / median / max over every case of every run of the group, and the mean of each run. \"What "
             "nnUNetv2_predict writes\" is the `x,y,z` of `landmarks.csv`, the heatmap extremum its `heatmap_x,y,z`; "
-            "the rules work on the predicted LV (label 1): its geometric tip for the apex, the centre of its wide end "
-            "for the valves (the best we could write on an LV-only segmentation).", ""]
+            "the rules work on the predicted segmentation: the LV's geometric tip for the apex; for the valves the "
+            "centre of the LV/LA interface (mitral) and of the aorta's end toward the LV (aortic) where the dataset "
+            "segments those structures, else the centre of the LV's wide end (the best we could write on an LV-only "
+            "segmentation).", ""]
     if args.notes:
         text += [Path(args.notes).read_text().strip(), ""]
     png = Path(args.output).with_name(Path(args.output).stem + "_groups.png")  # not *_errors.png: accuracy_errors.png exists

@@ -108,6 +108,7 @@ def prepare_phantom_dataset(env: Mapping[str, str], dataset_id: int, phantoms: P
                             landmarks: Sequence[str] = ("apex",), folds: int = 10, num_cases: int = 20,
                             seed: int = 0, size: str | tuple[int, int, int] = "tiny", flips: bool = True,
                             phantom_progress: bool = True, annotations: Sequence[str] | None = None,
+                            all_structures: bool = False,
                             processes: int = 2, fingerprint_processes: int | None = None, overwrite: bool = False,
                             small_configuration: bool | Mapping[str, Any] = True,
                             write_phantoms: Callable[[Path], Any] | None = None,
@@ -118,7 +119,8 @@ def prepare_phantom_dataset(env: Mapping[str, str], dataset_id: int, phantoms: P
     ``phantoms``: the MM-WHS-like folder, written (``num_cases``, ``seed``, ``size``, ``flips``; or by
     ``write_phantoms(phantoms)``) when the conversion needs it and it holds no ``landmarks.csv``. ``annotations``:
     the converter's ``-a`` (default the phantoms' ``landmarks.csv``); ``name``, ``landmarks``, ``folds``,
-    ``overwrite``: its options (defaults: its own). ``processes`` / ``fingerprint_processes``: the planner's ``-np``
+    ``overwrite``, ``all_structures``: its options (defaults: its own). ``processes`` / ``fingerprint_processes``:
+    the planner's ``-np``
     / ``-npfp``. ``small_configuration``: False for none, a mapping to change ``SMALL_CONFIGURATION``'s values.
     Skipped: the planning when the plans exist, the conversion also when the raw dataset exists (unless
     ``overwrite``). ``step(title)`` is called before the conversion and the planning (done or skipped);
@@ -142,7 +144,8 @@ def prepare_phantom_dataset(env: Mapping[str, str], dataset_id: int, phantoms: P
         run_console_script(["nnUNetv2_convert_MMWHS", "-i", str(Path(phantoms) / "ct_train"), "-a",
                             *(annotations or [str(Path(phantoms) / "landmarks.csv")]), "-d", str(dataset_id),
                             "--name", name, "--landmarks", *landmarks, "--folds", str(folds),
-                            *(["--overwrite"] if overwrite else [])], env, **run_options)
+                            *(["--overwrite"] if overwrite else []),
+                            *(["--all-structures"] if all_structures else [])], env, **run_options)
     if step is not None:
         step("nnUNetv2_plan_and_preprocess (ResEnc-M planner)")
     if plan:

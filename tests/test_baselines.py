@@ -180,3 +180,65 @@ def test_base_centre_is_the_middle_of_the_flat_end_and_the_apex_the_other_end():
     apex = apex_from_segmentation(labels, geometry, 1)
     assert np.linalg.norm(base - [-0.5, 0, 0]) < 1.0, base  # the flat face's boundary is half a voxel before x = 0
     assert np.linalg.norm(apex - [30.0, 0, 0]) < 1.0, apex
+
+
+@pytest.mark.parametrize("toward_start", [True, False])
+def test_tube_end_is_the_centre_of_the_end_facing_the_other_label(toward_start):
+    """A tilted cylinder (radius 6 mm, 40 mm long, 1 mm voxels) with a ball beyond one of its ends: the rule returns
+    the centre of that end's last voxel layer, within a voxel of the true end centre, and not the other end."""
+    from nnunet_landmark.evaluation.baselines import tube_end_from_segmentation
+
+    shape = (50, 50, 70)  # z, y, x
+    geometry = ImageGeometry(origin=(-35.0, -25.0, -25.0), spacing=(1.0, 1.0, 1.0),
+                             direction=tuple(rotation([0, 0, 1], 20).ravel()), size=shape[::-1])
+    world = geometry.array_index_to_world(np.argwhere(np.ones(shape, bool)).astype(float)).reshape(*shape, 3)
+    axis = np.array([1.0, 0.3, 0.2]) / np.linalg.norm([1.0, 0.3, 0.2])
+    start, end = -20 * axis, 20 * axis
+    t = (world - start) @ axis
+    radial = np.linalg.norm(world - start - t[..., None] * axis, axis=-1)
+    labels = ((t >= 0) & (t <= 40) & (radial <= 6)).astype(np.uint8)
+    facing = start if toward_start else end
+    ball = np.linalg.norm(world - (facing + (-9 if toward_start else 9) * axis), axis=-1) <= 5
+    labels[ball] = 2
+    point = tube_end_from_segmentation(labels, geometry, label=1, toward=2)
+    assert np.linalg.norm(point - facing) < 1.0, (point, facing)
+    with pytest.raises(BaselineError, match="no voxel of label 3"):
+        tube_end_from_segmentation(labels, geometry, label=1, toward=3)
+
+
+def test_valve_rules_on_true_phantom_labels():
+    """The demo's valve rules on the phantoms' own labels (small preset, ~2.3 x 2.3 x 3 mm voxels): the mitral valve
+    from the LV/LA interface, the aortic valve from the aorta's end toward the LV, both within a few mm (the
+    interface of the aorta and the LV cavity would be 6-8 mm off, the LV's base centre ~25 mm)."""
+    from nnunet_landmark.demo import segmentation_rules
+    from nnunet_landmark.phantoms import MMWHS_LABELS
+
+    rules = segmentation_rules(MMWHS_LABELS)
+    assert rules["mitral_valve"][0] == "centre of the LV/LA interface"
+    assert rules["aortic_valve"][0] == "centre of the aorta's end toward the LV"
+    errors = {"mitral_valve": [], "aortic_valve": []}
+    for seed in range(4):
+        phantom = generate_phantom(seed, "small")
+        label = sitk.GetArrayFromImage(phantom.label)
+        label = np.where(label == 500, 1, np.where(label == 1, 500, label))  # the rules take the LV as label 1
+        for name in errors:
+            errors[name].append(np.linalg.norm(rules[name][1](label, phantom.geometry) - phantom.landmarks[name]))
+    assert np.mean(errors["mitral_valve"]) < 2.0 and np.max(errors["mitral_valve"]) < 3.0, errors
+    assert np.mean(errors["aortic_valve"]) < 2.0 and np.max(errors["aortic_valve"]) < 3.0, errors
+
+
+def test_valve_rules_fall_back_to_the_lv_base_without_the_neighbouring_structures():
+    """An LV-only segmentation (``nnUNetv2_landmark_demo --lv-only``) has no LA or aorta: both valves come from the
+    centre of the LV's base, the same point."""
+    from nnunet_landmark.demo import segmentation_rules
+    from nnunet_landmark.evaluation.baselines import base_from_segmentation
+
+    rules = segmentation_rules({"background": 0, "LV_blood_cavity": 1})
+    assert [rules[n][0] for n in ("apex", "mitral_valve", "aortic_valve")] == [
+        "geometric tip of the LV", "centre of the LV's base", "centre of the LV's base"]
+    phantom = generate_phantom(0, "tiny")
+    label = (sitk.GetArrayFromImage(phantom.label) == 500).astype(np.uint8)
+    expected = base_from_segmentation(label, phantom.geometry, 1)
+    for name in ("mitral_valve", "aortic_valve"):
+        assert np.array_equal(rules[name][1](label, phantom.geometry), expected)
+    assert np.array_equal(rules["apex"][1](label, phantom.geometry), apex_from_segmentation(label, phantom.geometry, 1))
