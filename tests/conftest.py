@@ -103,7 +103,7 @@ def learning_dataset(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def learned_model(learning_dataset):
-    """``nnUNetTrainerLandmark_cpu_learn`` (40 x 50 iterations, Adam, beta 10) trained on fold 0 of the
+    """``nnUNetTrainerLandmark_cpu_learn`` (40 x 50 iterations, Adam, beta 1) trained on fold 0 of the
     ``learning_dataset`` with the real ``nnUNetv2_train`` (~5 minutes on 2 cores): a model that has learned
     something, for the tests that judge what it predicts."""
     env, trainer = learning_dataset["env"], "nnUNetTrainerLandmark_cpu_learn"

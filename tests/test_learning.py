@@ -1,7 +1,7 @@
 """Proof that it learns: a few minutes of CPU training on phantoms, judged on phantoms it never saw.
 
 The session's ``learning_dataset`` (conftest.py: 20 phantoms of 64 x 64 x 48 voxels, ~3.4 mm, the apex) trains
-``nnUNetTrainerLandmark_cpu_learn`` (40 x 50 iterations, Adam, beta 10, 32^3 patches) with the real
+``nnUNetTrainerLandmark_cpu_learn`` (40 x 50 iterations, Adam, beta 1, 32^3 patches) with the real
 ``nnUNetv2_train``; ``nnUNetv2_predict`` then segments and localises 16 new phantoms. The apex error must be well below what predicting
 the mean position gives (fitted on the training cases) and the LV Dice above 0.8.
 """
