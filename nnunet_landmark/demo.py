@@ -141,20 +141,18 @@ def _distance_at(distance: np.ndarray, geometry, world) -> float:
     return float(ndimage.map_coordinates(distance, index[:, None], order=1, mode="nearest")[0])
 
 
-def summary_stats(values) -> str:
-    """"mean ± SD (median, max)" over the finite values; a rule's NaN (the model segmented no LV in that case) is
-    left out and counted after a semicolon."""
-    v = np.asarray(values, dtype=float)
-    found = v[np.isfinite(v)]
-    if len(found) == 0:
-        return f"without a predicted LV: {len(v)} of {len(v)} cases"
-    sd = found.std(ddof=1) if len(found) > 1 else float("nan")
-    text = f"{found.mean():.2f} ± {sd:.2f} (median {np.median(found):.2f}, max {found.max():.2f})"
-    return text + (f"; without a predicted LV: {len(v) - len(found)} of {len(v)} cases" if len(found) < len(v) else "")
-
-
 def test_set_markdown(landmark_rows: list[dict], plain_rows: list[dict]) -> str:
-    stats = summary_stats
+    def stats(values) -> str:
+        """"mean ± SD (median, max)" over the finite values; a tip's NaN (the model segmented no LV in that case) is
+        left out and counted after a semicolon."""
+        v = np.asarray(values, dtype=float)
+        found = v[np.isfinite(v)]
+        if len(found) == 0:
+            return f"without a predicted LV: {len(v)} of {len(v)} cases"
+        sd = found.std(ddof=1) if len(found) > 1 else float("nan")
+        text = f"{found.mean():.2f} ± {sd:.2f} (median {np.median(found):.2f}, max {found.max():.2f})"
+        missing = len(v) - len(found)
+        return text + (f"; without a predicted LV: {missing} of {len(v)} cases" if missing else "")
 
     lines = ["| | mean ± SD (median, max) |", "|---|---|",
              f"| LV Dice, landmark model | {stats([r['dice'] for r in landmark_rows])} |",

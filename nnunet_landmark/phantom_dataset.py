@@ -120,8 +120,7 @@ def prepare_phantom_dataset(env: Mapping[str, str], dataset_id: int, phantoms: P
     ``write_phantoms(phantoms)``) when the conversion needs it and it holds no ``landmarks.csv``. ``annotations``:
     the converter's ``-a`` (default the phantoms' ``landmarks.csv``); ``name``, ``landmarks``, ``folds``,
     ``overwrite``, ``all_structures``: its options (defaults: its own). ``processes`` / ``fingerprint_processes``:
-    the planner's ``-np``
-    / ``-npfp``. ``small_configuration``: False for none, a mapping to change ``SMALL_CONFIGURATION``'s values.
+    the planner's ``-np`` / ``-npfp``. ``small_configuration``: False for none, a mapping to change ``SMALL_CONFIGURATION``'s values.
     Skipped: the planning when the plans exist, the conversion also when the raw dataset exists (unless
     ``overwrite``). ``step(title)`` is called before the conversion and the planning (done or skipped);
     ``run_options`` go to ``run_console_script`` (``log``, ``progress``, ``echo``, ``timeout``).

@@ -114,12 +114,12 @@ def tube_end_from_segmentation(label_array_zyx: np.ndarray, geometry: ImageGeome
     true labels; the interface of the aorta and the LV cavity is 6-8 mm from it there).
     """
     labels = np.asarray(label_array_zyx)
-    for value in (label, toward):
-        if not (labels == value).any():
+    tube, other = labels == label, labels == toward
+    for value, mask in ((label, tube), (toward, other)):
+        if not mask.any():
             raise BaselineError(f"the segmentation holds no voxel of label {value}: no tube end to find")
-    points = geometry.array_index_to_world(np.argwhere(largest_component(labels == label, ALL_NEIGHBOURS))
-                                           .astype(np.float64))
-    target = geometry.array_index_to_world(np.argwhere(labels == toward).astype(np.float64)).mean(axis=0)
+    points = geometry.array_index_to_world(np.argwhere(largest_component(tube, ALL_NEIGHBOURS)).astype(np.float64))
+    target = geometry.array_index_to_world(np.argwhere(other).astype(np.float64)).mean(axis=0)
     if len(points) < 2:
         return points[0]
     centroid, axis = long_axis(points)

@@ -62,7 +62,19 @@ class CPULearningBudget(CPUBudget):
         return nnunet_integration.without_mirroring(configured)
 
 
-class nnUNetTrainerLandmark_cpu_learn(CPULearningBudget, nnUNetTrainerLandmarkVanillaAdam1en3):
+class LandmarkCPULearningBudget(CPULearningBudget):
+    """``CPULearningBudget`` for landmark trainers, with the budget's heatmap loss weight ``heatmap_beta`` (why 1:
+    ``nnUNetTrainerLandmark_cpu_learn``)."""
+
+    heatmap_beta = 1.0
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device('cuda')):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.heatmap_loss_weight = self.heatmap_beta
+
+
+class nnUNetTrainerLandmark_cpu_learn(LandmarkCPULearningBudget, nnUNetTrainerLandmarkVanillaAdam1en3):
     """The learning test's and demo's landmark model: log-distance heatmaps, Adam, 40 x 50 iterations, beta 1.
 
     On this budget the heatmap does not localise (its extremum is 5-45 mm off), so prediction places the landmarks
@@ -73,37 +85,21 @@ class nnUNetTrainerLandmark_cpu_learn(CPULearningBudget, nnUNetTrainerLandmarkVa
     2.16 mm off instead of 2.86 (benchmarks/ACCURACY.md). ``nnUNetTrainerLandmark`` keeps the paper's beta 10.
     """
 
-    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
-                 device: torch.device = torch.device('cuda')):
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        self.heatmap_loss_weight = 1.0
-
 
 class nnUNetTrainerLandmark_cpu_learn_beta10(nnUNetTrainerLandmark_cpu_learn):
     """The CPU learning budget with the paper's beta 10, its default until 2026-11-28 (accuracy comparison)."""
 
-    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
-                 device: torch.device = torch.device('cuda')):
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        self.heatmap_loss_weight = 10.0
+    heatmap_beta = 10.0
 
 
 class nnUNetTrainerLandmark_cpu_learn_beta100(nnUNetTrainerLandmark_cpu_learn):
     """The CPU learning budget with beta 100, its default before the position prior (accuracy comparison)."""
 
-    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
-                 device: torch.device = torch.device('cuda')):
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        self.heatmap_loss_weight = 100.0
+    heatmap_beta = 100.0
 
 
-class nnUNetTrainerLandmarkGaussian_cpu_learn(CPULearningBudget, nnUNetTrainerLandmarkGaussianVanillaAdam1en3):
+class nnUNetTrainerLandmarkGaussian_cpu_learn(LandmarkCPULearningBudget, nnUNetTrainerLandmarkGaussianVanillaAdam1en3):
     """As nnUNetTrainerLandmark_cpu_learn (beta 1) with Gaussian heatmaps (accuracy study)."""
-
-    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
-                 device: torch.device = torch.device('cuda')):
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        self.heatmap_loss_weight = 1.0
 
 
 class nnUNetTrainer_cpu_learn(CPULearningBudget, nnUNetTrainerVanillaAdam1en3):
