@@ -1,168 +1,181 @@
-"""Heatmap ablation: which training choices make the apex heatmap learn within a short (CPU) budget.
+"""Heatmap arms side by side: which target, loss and head make the heatmap localise on the demo's CPU budget.
 
-    python benchmarks/heatmap_ablation.py --workdir /tmp/ablation                    # all variants, ~8 min each
-    python benchmarks/heatmap_ablation.py --variants paper deep_supervision beta100
+    python benchmarks/heatmap_ablation.py --workdir /tmp/arms --arms plain decoupled paper --seeds 1 2 3
+    python benchmarks/heatmap_ablation.py --workdir /tmp/arms --report        # tables from every finished run
 
-The learning test's setting: 20 phantoms of 64 x 64 x 48 voxels (~3.4 mm), fold 0 of 10 (18 training cases),
-``nnUNetTrainerLandmark_cpu_learn``'s budget (40 x 50 iterations, Adam 1e-3, 32^3 patches, no mirroring; each
-variant sets its own loss weight and options on top), one
-training run per variant. Each model predicts 20 phantoms no model has seen (no TTA) and is decoded exactly as
-``nnUNetv2_predict`` decodes (``decode_landmarks``). Also reported: the heatmap value at the true apex and the
-smallest predicted value (how blunt the learned distance map is). Writes ABLATION.md (or --output) and JSON.
-Training runs vary from run to run (random augmentation, worker timing): treat differences under ~1 mm as noise.
+The demo's setting: its dataset recipe (20 phantoms of 64 x 64 x 48 voxels, ~3.4 mm, seed 2026, the seven MM-WHS
+structures, apex, mitral and aortic valve, fold 0 of 5) and its CPU budget (``nnUNetTrainerLandmark_cpu_learn``: 40 x 50
+iterations, Adam 1e-3, 32^3 patches, no mirroring; each arm sets its heatmap options on top, see ``ARMS``). Each arm is
+trained once per seed (``nnUNet_landmark_seed``) with ``nnUNetv2_train``, then predicts with ``nnUNetv2_predict`` (no
+TTA) the demo's 10 unseen phantoms (seed 2027) and 20 more of another seed (555). Per case: LV Dice and the mean Dice
+of the seven structures; per landmark the error (mm) of what ``nnUNetv2_predict`` writes, of the heatmap extremum
+alone, of the position prior alone (the same model decoded with the heatmap left out) and of the best rule on the
+predicted segmentation; from the training log, the iterations until the validation patches' heatmap error first
+reaches 10 and 5 mm. Results go to ``<workdir>/runs/<arm>_seed<N>.json``; ``--report`` writes ``--output`` (markdown)
+with the JSON beside it.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))
-DATASET_ID, NAME, PLANS, CONFIG = 870, "AblationPhantoms", "nnUNetResEncUNetMPlans", "3d_cpu"
+from common import (LANDMARK_BASE, LANDMARKS, PLAIN_BASE, learning_curve, make_test_set, mean_max, predict,
+                    prepare_dataset, score, train, write_trainer_variants)
 
-# name -> (description, attributes set on top of nnUNetTrainerLandmark_cpu_learn)
-VARIANTS = {
-    "paper": ("paper's loss: MSE on the full-resolution output only, beta 10",
-              dict(heatmap_deep_supervision=False, heatmap_loss_weight=10.0)),
-    "deep_supervision": ("+ heatmap deep supervision (nnU-Net's weights), beta 10",
-                         dict(heatmap_deep_supervision=True, heatmap_loss_weight=10.0)),
-    "beta100": ("+ deep supervision, beta 100", dict(heatmap_deep_supervision=True, heatmap_loss_weight=100.0)),
-    "beta300": ("+ deep supervision, beta 300", dict(heatmap_deep_supervision=True, heatmap_loss_weight=300.0)),
-    "landmark_oversampling": ("deep supervision, beta 10, 33% of patches centred near the apex",
-                              dict(heatmap_deep_supervision=True, heatmap_loss_weight=10.0,
-                                   landmark_oversample_percent=0.33)),
-    "bce": ("deep supervision, beta 10, soft-target cross-entropy instead of MSE",
-            dict(heatmap_deep_supervision=True, heatmap_loss_weight=10.0, heatmap_loss="bce")),
+HERE = Path(__file__).resolve().parent
+DATASET_ID, NAME = 871, "HeatmapArms"
+DATASET = f"Dataset{DATASET_ID}_{NAME}"
+TEST_SETS = {"demo": (2027, 10, 3001), "extra": (555, 20, 4001)}  # name: (phantom seed, cases, first case number)
+COMPACT = dict(heatmap_max_distance_mm=30.0, heatmap_scale_mm=10.0, heatmap_loss_reduction="landmark")
+
+# name -> (description, base trainer, attributes set on top of it)
+ARMS = {
+    "plain": ("plain nnU-Net, same optimizer and budget", PLAIN_BASE, {}),
+    "cpu_beta1": ("the CPU budget before this work: dense log-distance, patch-mean MSE, shared layer, beta 1",
+                  LANDMARK_BASE, {}),
+    "paper": ("the paper: dense log-distance, patch-mean MSE at full resolution only, shared layer, beta 10",
+              LANDMARK_BASE, dict(heatmap_deep_supervision=False, heatmap_loss_weight=10.0)),
+    "compact_shared": ("log-distance clipped at 30 mm, MSE per landmark (sum / ball), shared layer, beta 10",
+                       LANDMARK_BASE, dict(COMPACT, heatmap_loss_weight=10.0)),
+    "compact_shared_oversample": ("compact_shared + 33% of patches centred near a landmark", LANDMARK_BASE,
+                                  dict(COMPACT, heatmap_loss_weight=10.0, landmark_oversample_percent=0.33)),
+    "decoupled": ("compact_shared_oversample through a decoupled head at full resolution, no gradient into the trunk",
+                  LANDMARK_BASE, dict(COMPACT, heatmap_loss_weight=10.0, landmark_oversample_percent=0.33,
+                                      heatmap_head="decoupled", heatmap_trunk_gradient_scale=0.0, heatmap_head_stride=1,
+                                      heatmap_head_reads_segmentation=True)),
+    "decoupled_g01": ("decoupled at half resolution, 0.1 of its gradient into the trunk", LANDMARK_BASE,
+                      dict(COMPACT, heatmap_loss_weight=10.0, landmark_oversample_percent=0.33,
+                           heatmap_head="decoupled", heatmap_trunk_gradient_scale=0.1, heatmap_head_stride=2)),
+    "decoupled_s2": ("decoupled at half resolution, no gradient into the trunk", LANDMARK_BASE,
+                     dict(COMPACT, heatmap_loss_weight=10.0, landmark_oversample_percent=0.33,
+                          heatmap_head="decoupled", heatmap_trunk_gradient_scale=0.0, heatmap_head_stride=2)),
+    "decoupled_g03": ("decoupled at half resolution, 0.3 of its gradient into the trunk", LANDMARK_BASE,
+                      dict(COMPACT, heatmap_loss_weight=10.0, landmark_oversample_percent=0.33,
+                           heatmap_head="decoupled", heatmap_trunk_gradient_scale=0.3, heatmap_head_stride=2)),
+    "decoupled_g1": ("decoupled at half resolution, all of its gradient into the trunk", LANDMARK_BASE,
+                     dict(COMPACT, heatmap_loss_weight=10.0, landmark_oversample_percent=0.33,
+                          heatmap_head="decoupled", heatmap_trunk_gradient_scale=1.0, heatmap_head_stride=2)),
+    "decoupled_g01_seg": ("decoupled_g01, the head also reading the segmentation's probabilities", LANDMARK_BASE,
+                          dict(COMPACT, heatmap_loss_weight=10.0, landmark_oversample_percent=0.33,
+                               heatmap_head="decoupled", heatmap_trunk_gradient_scale=0.1, heatmap_head_stride=2,
+                               heatmap_head_reads_segmentation=True)),
+    "nnlandmark": ("nnLandmark's recipe: cone of 15 voxels, BCE over the hardest 20% of voxels, 33% landmark "
+                   "patches, shared layer, beta 1", LANDMARK_BASE,
+                   dict(heatmap_encoding="cone", heatmap_loss="bce", heatmap_loss_reduction="topk",
+                        heatmap_topk_fraction=0.2, landmark_oversample_percent=0.33, heatmap_loss_weight=1.0)),
 }
 
-TRAINER_MODULE = '''import torch
-from nnunet_landmark.training.variants.cpu_budgets import nnUNetTrainerLandmark_cpu_learn
 
 
-def _variant(name, settings):
-    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
-                 device: torch.device = torch.device("cuda")):
-        nnUNetTrainerLandmark_cpu_learn.__init__(self, plans, configuration, fold, dataset_json, device)
-        for key, value in settings.items():
-            setattr(self, key, value)
-    return type(name, (nnUNetTrainerLandmark_cpu_learn,), {"__init__": __init__})
+def trainer_name(arm: str) -> str:
+    return f"nnUNetTrainerHeatmapArm_{arm}"
 
 
-'''
+def run_arm(workdir: Path, arm: str, seed: int) -> dict:
+    """Train one arm with one seed, predict both test sets, score them."""
+    import time
+
+    start = time.perf_counter()
+    model = train(workdir, DATASET, trainer_name(arm), seed)
+    result = {"arm": arm, "seed": seed, "description": ARMS[arm][0], "trainer": trainer_name(arm),
+              "head": json.loads((model / "plans.json").read_text()).get("nnunet_landmark", {}).get("heatmap_head"),
+              "train_seconds": time.perf_counter() - start, "test_sets": {}}
+    if arm != "plain":
+        result.update(learning_curve(model))
+    for test_set in TEST_SETS:
+        predictions = predict(workdir, DATASET, trainer_name(arm), seed, test_set, f"{arm}_seed{seed}")
+        result["test_sets"][test_set] = score(workdir, workdir / "nnUNet_raw" / DATASET, model, predictions, test_set,
+                                              arm != "plain")
+    return result
 
 
-def trainer_name(variant: str) -> str:
-    return f"nnUNetTrainerLandmarkAblation_{variant}"
+def _final(run: dict) -> str:
+    errors = run["val_landmark_errors_mm"]
+    return f"{errors[-1]:.1f}" if errors else "n/a"
 
 
-def prepare(workdir: Path, env: dict) -> Path:
-    from nnunet_landmark.phantom_dataset import prepare_phantom_dataset
-
-    return prepare_phantom_dataset(env, DATASET_ID, workdir / "mmwhs", name=NAME, landmarks=["apex"], folds=10,
-                                   num_cases=20, seed=4, size=(64, 64, 48), flips=False, phantom_progress=False,
-                                   small_configuration={"name": CONFIG}).raw
-
-
-def evaluate(model_folder: Path, test_root: Path, truth: dict) -> dict:
-    import torch
-    from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
-    from nnunetv2.inference.data_iterators import PreprocessAdapterFromNpy
-
-    from nnunet_landmark.evaluation.metrics import landmark_error_mm
-    from nnunet_landmark.geometry import CaseGeometry
-    from nnunet_landmark.inference import decode_landmarks
-    from nnunet_landmark.predictor import nnUNetLandmarkPredictor
-
-    predictor = nnUNetLandmarkPredictor(tile_step_size=0.5, use_mirroring=False, device=torch.device("cpu"),
-                                        allow_tqdm=False)
-    predictor.initialize_from_trained_model_folder(str(model_folder), (0,), "checkpoint_final.pth")
-    heads = predictor.landmark_heads
-    errors, at_truth, minimum = [], [], []
-    for case, landmarks in truth.items():
-        image, properties = SimpleITKIO().read_images([str(test_root / "ct_train" / f"{case}_image.nii.gz")])
-        item = next(PreprocessAdapterFromNpy([image], [None], [properties], [None], predictor.plans_manager,
-                                             predictor.dataset_json, predictor.configuration_manager, 1))
-        logits = predictor.predict_logits_from_preprocessed_data(item["data"]).float().numpy()
-        heatmap_logits = logits[heads.num_segmentation_heads:]
-        decoded = decode_landmarks(heatmap_logits, item["data_properties"], predictor.plans_manager,
-                                   predictor.configuration_manager, heads, case)
-        errors.append(landmark_error_mm(decoded["apex"]["world"], landmarks["apex"]))
-        geometry = CaseGeometry.from_nnunet(item["data_properties"], predictor.plans_manager.transpose_forward,
-                                            predictor.configuration_manager.spacing)
-        heatmap = 1 / (1 + np.exp(-heatmap_logits[0].astype(np.float64)))
-        voxel = np.clip(np.round(geometry.world_to_preprocessed(landmarks["apex"])).astype(int), 0,
-                        np.asarray(heatmap.shape) - 1)
-        at_truth.append(float(heatmap[tuple(voxel)]))
-        minimum.append(float(heatmap.min()))
-    return {"errors_mm": errors, "heatmap_at_truth": at_truth, "heatmap_minimum": minimum}
+def report(workdir: Path, output: Path) -> str:
+    runs = [json.loads(p.read_text()) for p in sorted((workdir / "runs").glob("*.json"))]
+    by_arm: dict[str, list] = {}
+    for r in runs:
+        by_arm.setdefault(r["arm"], []).append(r)
+    plain = {r["seed"]: r for r in by_arm.get("plain", [])}
+    lines = []
+    for test_set in TEST_SETS:
+        lines += [f"#### Unseen phantoms `{test_set}` (mean / max over every case of every seed)", "",
+                  "| arm | seeds | LV Dice (landmark - plain, paired) | foreground Dice (landmark - plain) | "
+                  + " | ".join(f"{n}: heatmap alone | {n}: prior alone | {n}: written | {n}: best rule"
+                               for n in LANDMARKS) + " |",
+                  "|---|---|---|---|" + "---|" * (4 * len(LANDMARKS))]
+        for arm in ARMS:
+            if arm not in by_arm:
+                continue
+            rows = [(r["seed"], row) for r in by_arm[arm] for row in r["test_sets"][test_set]]
+            paired = [(row["dice"] - p["dice"], row["foreground_dice"] - p["foreground_dice"])
+                      for seed, row in rows if seed in plain
+                      for p in plain[seed]["test_sets"][test_set] if p["case"] == row["case"]]
+            lv = np.mean([row["dice"] for _, row in rows])
+            fg = np.mean([row["foreground_dice"] for _, row in rows])
+            d = np.asarray(paired) if paired else np.full((1, 2), np.nan)
+            cells = [f"{arm}", ", ".join(str(s) for s in sorted({s for s, _ in rows})),
+                     f"{lv:.3f} ({np.mean(d[:, 0]):+.4f})", f"{fg:.3f} ({np.mean(d[:, 1]):+.4f})"]
+            for n in LANDMARKS:
+                if arm == "plain":
+                    cells += ["", "", "", mean_max([row["rule_errors_mm"][n] for _, row in rows])]
+                    continue
+                cells += [mean_max([row["heatmap_extremum_errors_mm"][n] for _, row in rows]),
+                          mean_max([row["prior_alone_errors_mm"][n] for _, row in rows]),
+                          mean_max([row["landmark_errors_mm"][n] for _, row in rows]),
+                          mean_max([row["rule_errors_mm"][n] for _, row in rows])]
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+    lines += ["#### Learning: iterations until the validation patches' heatmap error first reaches 10 / 5 mm, per "
+              "seed; final validation-patch error (mm); training seconds per epoch (median)", "",
+              "| arm | what | to 10 mm | to 5 mm | final (mm) | s / epoch |", "|---|---|---|---|---|---|"]
+    for arm, (description, _, _) in ARMS.items():
+        if arm not in by_arm or arm == "plain":
+            continue
+        rs = sorted(by_arm[arm], key=lambda r: r["seed"])
+        lines.append(f"| {arm} | {description} | {', '.join(str(r['iterations_to_10mm']) for r in rs)} | "
+                     f"{', '.join(str(r['iterations_to_5mm']) for r in rs)} | "
+                     f"{', '.join(_final(r) for r in rs)} | "
+                     f"{np.median([r['seconds_per_epoch_median'] for r in rs]):.1f} |")
+    text = "\n".join(lines) + "\n"
+    output.write_text(text)
+    output.with_suffix(".json").write_text(json.dumps(runs, indent=1, default=float))
+    return text
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", type=Path, required=True)
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
-    parser.add_argument("--unseen", type=int, default=20, help="number of unseen test phantoms")
-    parser.add_argument("--output", type=Path, default=HERE / "ABLATION.md")
+    parser.add_argument("--arms", nargs="+", default=[], choices=list(ARMS))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[1])
+    parser.add_argument("--report", action="store_true", help="write the tables from every finished run")
+    parser.add_argument("--output", type=Path, default=HERE / "results" / "heatmap_arms.md")
     args = parser.parse_args(argv)
-
-    from nnunet_landmark.phantoms import write_mmwhs_phantoms
-
     workdir = args.workdir.resolve()
-    trainers = workdir / "trainers"
-    trainers.mkdir(parents=True, exist_ok=True)
-    (trainers / "ablation_trainers.py").write_text(TRAINER_MODULE + "".join(
-        f"{trainer_name(v)} = _variant({trainer_name(v)!r}, {VARIANTS[v][1]!r})\n" for v in VARIANTS))
-    env = {"nnUNet_raw": str(workdir / "nnUNet_raw"), "nnUNet_preprocessed": str(workdir / "nnUNet_preprocessed"),
-           "nnUNet_results": str(workdir / "nnUNet_results"), "nnUNet_n_proc_DA": os.environ.get("nnUNet_n_proc_DA", "2"),
-           "nnUNet_def_n_proc": "2", "nnUNet_extTrainer": str(trainers)}
-    os.environ.update(env)
-    raw = prepare(workdir, env)
-    truth = write_mmwhs_phantoms(workdir / "unseen", num_cases=args.unseen, seed=91, size=(64, 64, 48), flips=False,
-                                 first_case=3001, progress=False)
-
-    from nnunet_landmark.evaluation.baselines import fit_mean_positions
-    from nnunet_landmark.evaluation.metrics import landmark_error_mm
-    from nnunet_landmark.geometry import ImageGeometry
-    from nnunet_landmark.phantom_dataset import run_console_script
-    from nnunet_landmark.results_folder import results_folder
-    train_cases = json.loads((raw / "splits_final.json").read_text())[0]["train"]
-    baseline = fit_mean_positions(raw, train_cases, ["apex"])["apex"]
-    baseline_errors = [landmark_error_mm(baseline.predict(ImageGeometry.from_file(
-        workdir / "unseen" / "ct_train" / f"{case}_image.nii.gz")), lm["apex"]) for case, lm in truth.items()]
-
-    results = {}
-    for variant in args.variants:
-        trainer = trainer_name(variant)
-        model = results_folder(raw.name, trainer, PLANS, CONFIG)
-        start = time.perf_counter()
-        if not (model / "fold_0" / "checkpoint_final.pth").exists():
-            run_console_script(["nnUNetv2_train", str(DATASET_ID), CONFIG, "0", "-tr", trainer, "-p", PLANS, "-device",
-                                "cpu"], env)
-        results[variant] = {"description": VARIANTS[variant][0], "train_seconds": time.perf_counter() - start,
-                            **evaluate(model, workdir / "unseen", truth)}
-        print(variant, f"{np.mean(results[variant]['errors_mm']):.2f} mm", flush=True)
-
-    lines = ["# Heatmap ablation on phantoms", "", f"Produced by `python benchmarks/heatmap_ablation.py`. "
-             f"{args.unseen} unseen phantoms, one training run per variant (run-to-run spread ~1-2 mm).", "",
-             "| variant | what | apex error mean (mm) | median | max | heatmap at true apex | heatmap minimum |",
-             "|---|---|---|---|---|---|---|"]
-    for variant, r in results.items():
-        e = np.asarray(r["errors_mm"])
-        lines.append(f"| {variant} | {r['description']} | {e.mean():.2f} | {np.median(e):.2f} | {e.max():.2f} | "
-                     f"{np.mean(r['heatmap_at_truth']):.3f} | {np.mean(r['heatmap_minimum']):.3f} |")
-    b = np.asarray(baseline_errors)
-    lines.append(f"| mean position | the training cases' mean apex, relative to the image centre | {b.mean():.2f} | "
-                 f"{np.median(b):.2f} | {b.max():.2f} | | |")
-    args.output.write_text("\n".join(lines) + "\n")
-    args.output.with_suffix(".json").write_text(json.dumps({"variants": results, "mean_position_mm": baseline_errors},
-                                                           indent=1))
-    print("\n".join(lines))
+    write_trainer_variants(workdir / "trainers", {trainer_name(a): (base, settings)
+                                                  for a, (_, base, settings) in ARMS.items()})
+    prepare_dataset(workdir, DATASET_ID, NAME, "analytic", seed=2026)
+    for name, (seed, cases, first) in TEST_SETS.items():
+        make_test_set(workdir, name, "analytic", seed, cases, first)
+    (workdir / "runs").mkdir(exist_ok=True)
+    for seed in args.seeds:
+        for arm in args.arms:
+            out = workdir / "runs" / f"{arm}_seed{seed}.json"
+            if out.exists():
+                continue
+            result = run_arm(workdir, arm, seed)
+            out.write_text(json.dumps(result, indent=1, default=float))
+            print(arm, seed, {n: mean_max([r["heatmap_extremum_errors_mm"][n] for r in result["test_sets"]["demo"]])
+                              for n in LANDMARKS} if arm != "plain" else "", flush=True)
+    if args.report:
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        print(report(workdir, args.output))
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ from nnunetv2.training.data_augmentation.compute_initial_patch_size import get_p
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.label_handling.label_handling import LabelManager
 
-from nnunet_landmark.heatmap import HeatmapEncoding, render_heatmaps, render_heatmaps_mapped
+from nnunet_landmark.heatmap_targets import HeatmapEncoding, render_heatmaps, render_heatmaps_mapped
 from nnunet_landmark.training.data_loading import nnUNetLandmarkDataLoader
 from nnunet_landmark.training.keypoint_transforms import UnsupportedTransformError, with_landmarks
 
@@ -186,3 +186,20 @@ def test_same_samples_and_random_draws_as_plain_nnunet():
         assert torch.equal(ours["data"], theirs["data"])
         assert len(ours["target"]) == len(theirs["target"]) + 1
         assert all(torch.equal(a, b) for a, b in zip(ours["target"], theirs["target"]))
+
+
+def test_keypoint_conventions_are_checked_numerically(monkeypatch):
+    """batchgeneratorsv2 samples and mirrors as the keypoints assume (``convention_problems`` is empty); a
+    MirrorTransform that flipped differently is named, and ``check_conventions`` refuses to build a pipeline."""
+    import torch
+    from batchgeneratorsv2.transforms.spatial.mirroring import MirrorTransform
+
+    from nnunet_landmark.training import keypoint_transforms
+
+    assert keypoint_transforms.convention_problems() == []
+    monkeypatch.setattr(MirrorTransform, "_apply_to_image",
+                        lambda self, img, **params: torch.roll(img, 1, dims=params["axes"][0] + 1))
+    assert any("MirrorTransform" in p for p in keypoint_transforms.convention_problems())
+    monkeypatch.setattr(keypoint_transforms, "_CONVENTIONS_CHECKED", False)
+    with pytest.raises(RuntimeError, match="MirrorTransform no longer flips"):
+        keypoint_transforms.check_conventions()

@@ -52,8 +52,9 @@ RANK_TIMEOUT_S = 240
 def _plans(batch_dice: bool) -> dict:
     """Plans with a 4-stage ResidualEncoderUNet on 16^3 patches (3 deep-supervision outputs) and landmark heads."""
     from nnunet_landmark.cpu_plans import small_configuration
-    from nnunet_landmark.heatmap import HeatmapEncoding
+    from nnunet_landmark.heatmap_targets import HeatmapEncoding
     from nnunet_landmark.landmark_heads import LandmarkHeads
+    from nnunet_landmark.landmark_network import HeatmapHeadConfig
 
     architecture = {
         "network_class_name": "dynamic_network_architectures.architectures.unet.ResidualEncoderUNet",
@@ -70,7 +71,9 @@ def _plans(batch_dice: bool) -> dict:
              "dataset_name": "Dataset999_X", "plans_name": "p", "transpose_forward": [0, 1, 2],
              "transpose_backward": [0, 1, 2]}
     plans["configurations"]["3d_cpu"] = small_configuration(plans, patch_size=PATCH, features_per_stage=(4, 8, 16, 32))
-    LandmarkHeads(LANDMARKS, len(LABELS), HeatmapEncoding()).write_to_plans(plans)
+    # the default recipe's heads: a decoupled head sending a tenth of its gradient into the segmentation network
+    LandmarkHeads(LANDMARKS, len(LABELS), HeatmapEncoding(max_distance_mm=30.0, scale_mm=10.0),
+                  head=HeatmapHeadConfig("decoupled", 16, 0.1)).write_to_plans(plans)
     return plans
 
 
@@ -199,8 +202,8 @@ def _check_gradients(rank: int, setup: dict) -> dict:
         step["structure"] = {"trainer_is_ddp": trainer.is_ddp, "dice_class": type(dc).__name__, "dice_ddp": dc.ddp, "batch_dice": dc.batch_dice,
                              "do_bg": dc.do_bg, "weights": list(loss.segmentation_loss.weight_factors),
                              "num_segmentation_channels": loss.num_segmentation_channels,
-                             "heatmap_weight": loss.heatmap_weight,
-                             "heatmap_weights": list(loss.heatmap_weights(len(target) - 1))}
+                             "heatmap_loss_weight": loss.heatmap_loss_weight,
+                             "heatmap_weights": list(loss.deep_supervision_heatmap_weights(len(target) - 1))}
         if batch_dice:
             # negative control: the same without the Dice all-gather must NOT reproduce the reference
             dc.ddp = False
@@ -420,7 +423,7 @@ def test_every_parameter_gets_a_gradient_under_ddp(ddp):
                                          "dice_ddp": True,
                                          "batch_dice": batch_dice, "do_bg": False,
                                          "weights": pytest.approx(list(_nnunet_ds_weights(True)), rel=1e-12),
-                                         "num_segmentation_channels": len(LABELS), "heatmap_weight": 10.0,
+                                         "num_segmentation_channels": len(LABELS), "heatmap_loss_weight": 10.0,
                                          "heatmap_weights": pytest.approx(list(_nnunet_ds_weights(True)), rel=1e-12)}
             assert step["structure"]["weights"][-1] > 0
             assert step["second_step_grads_equal"]

@@ -7,7 +7,8 @@ import warnings
 import numpy as np
 import pytest
 
-from nnunet_landmark.heatmap import HeatmapEncoding, decode_heatmap, render_heatmaps
+from nnunet_landmark.heatmap_targets import HeatmapEncoding, render_heatmaps
+from nnunet_landmark.heatmap_decoding import decode_heatmap
 
 ENCODINGS = [HeatmapEncoding("log_distance", max_distance_mm=150.0), HeatmapEncoding("gaussian", sigma_mm=6.0)]
 

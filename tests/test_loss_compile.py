@@ -26,7 +26,7 @@ def _outputs_and_target(seed: int):
 def test_compiled_heatmap_term_matches_eager(kind):
     results = {}
     for compiled in (False, True):
-        loss = SegmentationHeatmapLoss(_MeanSquares(), num_segmentation_channels=2, heatmap_weight=10.0,
+        loss = SegmentationHeatmapLoss(_MeanSquares(), num_segmentation_channels=2, heatmap_loss_weight=10.0,
                                        deep_supervision=True, heatmap_loss=kind, compile=compiled)
         assert loss.compiled == compiled
         outputs, target = _outputs_and_target(0)

@@ -72,9 +72,25 @@ def test_every_trainer_is_found_by_nnunet_and_builds(smoke_dataset, tmp_path, mo
         assert output.shape[1] == 2 + (num_landmarks if is_landmark else 0), name
         if is_landmark:
             assert list(trainer.landmark_heads.names) == smoke_dataset["landmarks"], name
-            expected_encoding = "gaussian" if "Gaussian" in name else "log_distance"
+            expected_encoding = "gaussian" if "Gaussian" in name else "cone" if "NnLandmark" in name else "log_distance"
             assert trainer.landmark_heads.encoding.kind == expected_encoding, name
-            assert trainer.loss.heatmap_weight == trainer.heatmap_loss_weight, name
+            # the recipes (benchmarks/ABLATION.md): the paper's exact setting, nnLandmark's, and ours by default
+            head, loss = trainer.landmark_heads.head, trainer.loss
+            if "Paper" in name:
+                assert (head.kind, loss.reduction, loss.deep_supervision, loss.heatmap_loss_weight) == \
+                    ("shared", "mean", False, 10.0), name
+                assert trainer.landmark_heads.encoding.max_distance_mm > 100, name  # the patch diagonal
+            elif "NnLandmark" in name:
+                assert (head.kind, loss.heatmap_loss, loss.reduction, loss.topk_fraction) == \
+                    ("shared", "bce", "topk", 0.2), name
+                assert trainer.landmark_heads.encoding.max_distance_mm == pytest.approx(
+                    15 * max(trainer.configuration_manager.spacing)), name
+            else:
+                assert (head.kind, head.stride, head.trunk_gradient_scale, loss.reduction) == \
+                    ("decoupled", 2, 0.1, "landmark"), name
+                assert trainer.landmark_heads.encoding.max_distance_mm == 30.0, name
+            assert trainer.landmark_oversample_percent == (0.0 if "Paper" in name else 0.33), name
+            assert trainer.loss.heatmap_loss_weight == trainer.heatmap_loss_weight, name
             beta = re.search(r"_beta(\d+)", name)
             if beta:
                 assert trainer.heatmap_loss_weight == float(beta.group(1)), name
@@ -95,8 +111,6 @@ def test_every_trainer_is_found_by_nnunet_and_builds(smoke_dataset, tmp_path, mo
             mirror_axes = trainer.configure_rotation_dummyDA_mirroring_and_inital_patch_size()[3]
             if budget.group(1) == "learn":
                 assert mirror_axes is None and trainer.inference_allowed_mirroring_axes is None, name
-                if is_landmark and not beta:  # beta 1: 100 cost 0.027 LV Dice, 10 the other structures' Dice
-                    assert trainer.heatmap_loss_weight == 1.0, name  # (benchmarks/ACCURACY.md)
             else:
                 assert mirror_axes is not None, name
     # each CPU budget's landmark and plain models also use the same optimizer and learning rate

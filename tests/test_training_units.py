@@ -12,7 +12,8 @@ from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
 from nnunet_landmark import nnunet_integration
 from nnunet_landmark.cpu_plans import small_configuration
-from nnunet_landmark.heatmap import HeatmapEncoding, decode_heatmap, render_heatmaps
+from nnunet_landmark.heatmap_targets import HeatmapEncoding, render_heatmaps
+from nnunet_landmark.heatmap_decoding import decode_heatmap
 from nnunet_landmark.landmark_heads import PLANS_KEY, LandmarkHeads
 from nnunet_landmark.training.data_loading import nnUNetLandmarkDataLoader
 from nnunet_landmark.training.loss import SegmentationHeatmapLoss
@@ -135,7 +136,7 @@ def test_loss_is_segmentation_plus_beta_mse_in_float32():
         def forward(self, outs, targets):
             return sum(o.float().mean() + 0 * t.float().mean() for o, t in zip(outs, targets))
 
-    loss = SegmentationHeatmapLoss(SumOfMeans(), c, heatmap_weight=10.0)
+    loss = SegmentationHeatmapLoss(SumOfMeans(), c, heatmap_loss_weight=10.0)
     value = loss(outputs, seg_targets + [heatmap_target])
     expected_seg = sum(o[:, :c].mean() for o in outputs)
     expected_mse = ((torch.sigmoid(outputs[0][:, c:]) - heatmap_target) ** 2).mean()
@@ -166,7 +167,7 @@ def test_heatmap_loss_is_deep_supervised_with_nnunet_weights():
             return sum(0 * o.sum() for o in outs)
 
     weights = (4 / 7, 2 / 7, 0.0)  # as nnU-Net's: decreasing per level, the lowest output unused
-    loss = SegmentationHeatmapLoss(Zero(), c, heatmap_weight=10.0, deep_supervision=True,
+    loss = SegmentationHeatmapLoss(Zero(), c, heatmap_loss_weight=10.0, deep_supervision=True,
                                    deep_supervision_weights=weights)
     value = loss(outputs, seg_targets + [heatmap_target])
     # target at half resolution: the mean of each 2x2x2 block
@@ -189,7 +190,7 @@ def test_bce_heatmap_loss_option():
         def forward(self, out, target):
             return 0 * out.sum()
 
-    loss = SegmentationHeatmapLoss(Zero(), 2, heatmap_weight=3.0, heatmap_loss="bce")
+    loss = SegmentationHeatmapLoss(Zero(), 2, heatmap_loss_weight=3.0, heatmap_loss="bce")
     value = loss(outputs, [torch.zeros(2, 1, 6, 6, 6), heatmap_target])
     t, x = heatmap_target, outputs[:, 2:]
     expected = -(t * torch.log(torch.sigmoid(x)) + (1 - t) * torch.log(1 - torch.sigmoid(x))).mean()
@@ -242,6 +243,74 @@ def test_network_has_segmentation_plus_heatmap_channels(network_class):
     del plans_manager.plans[PLANS_KEY]
     with pytest.raises(RuntimeError, match="no landmark heads"):
         nnUNetTrainerLandmark.build_network_architecture(plans_manager, configuration, 1, 2, False)
+
+
+def test_decoupled_head_keeps_plain_nnunets_network_and_scales_its_gradient_into_it():
+    """The decoupled head: the plans' segmentation network built as plain nnU-Net builds it (same parameter names,
+    so plain weights pretrain it), C + K channels at every output, and the heatmap loss's gradient into the shared
+    trunk scaled by ``trunk_gradient_scale``: none at 0, a tenth at 0.1; the head itself always learns."""
+    import copy
+
+    from nnunet_landmark.landmark_network import HeatmapHeadConfig, LandmarkNetwork
+
+    gradients = {}
+    for scale in (0.0, 0.1, 1.0):
+        heads = LandmarkHeads(("apex", "mitral_valve"), 2, HeatmapEncoding(max_distance_mm=30.0),
+                              head=HeatmapHeadConfig("decoupled", 6, scale))
+        plans_manager = _plans_with_heads({"architecture": copy.deepcopy(RESENC_ARCH)}, RESENC_ARCH["network_class_name"],
+                                          heads)
+        configuration = plans_manager.get_configuration("3d_cpu")
+        torch.manual_seed(0)
+        network = nnUNetTrainerLandmark.build_network_architecture(plans_manager, configuration, 1, 2, True)
+        assert isinstance(network, LandmarkNetwork)
+        torch.manual_seed(0)
+        plain = nnUNetTrainer.build_network_architecture(plans_manager, configuration, 1, 2, True)
+        trunk = {k for k in network.state_dict() if not k.startswith("heatmap_head.")}
+        assert trunk == set(plain.state_dict())  # plain nnU-Net's keys and shapes: its weights load
+        network.load_state_dict({**network.state_dict(), **plain.state_dict()})
+        x = torch.randn(2, 1, 16, 16, 16)
+        outputs = network(x)
+        assert [tuple(o.shape[1:]) for o in outputs] == [(4, 16, 16, 16), (4, 8, 8, 8)]
+        for got, want in zip(outputs, plain(x)):  # the segmentation channels are plain nnU-Net's output
+            torch.testing.assert_close(got[:, :2], want)
+        torch.testing.assert_close(outputs[1][:, 2:], torch.nn.functional.avg_pool3d(outputs[0][:, 2:], 2))
+        outputs[0][:, 2:].square().sum().backward()  # a loss on the heatmaps alone
+        gradients[scale] = {name: p.grad.clone() for name, p in network.named_parameters() if p.grad is not None}
+        network.decoder.deep_supervision = False  # as nnU-Net's set_deep_supervision_enabled, for inference
+        assert network(x).shape == (2, 4, 16, 16, 16)
+    for scale in (0.0, 0.1, 1.0):
+        assert any(n.startswith("heatmap_head.") and g.abs().sum() > 0 for n, g in gradients[scale].items())
+    trunk_names = [n for n in gradients[1.0] if n.startswith("encoder.")]
+    assert trunk_names and not any(n in gradients[0.0] and gradients[0.0][n].abs().sum() > 0 for n in trunk_names)
+    tenth, full = (torch.cat([gradients[s][n].flatten() for n in trunk_names]) for s in (0.1, 1.0))
+    assert full.abs().max() > 0
+    torch.testing.assert_close(tenth, 0.1 * full, rtol=0, atol=1e-4 * float(full.abs().max()))
+
+
+def test_heatmap_loss_reductions():
+    """"landmark": the patch mean divided by the target's support ball as a fraction of the patch (a per-landmark sum
+    that does not shrink as the patch grows); "topk": the mean of the hardest fraction of voxels per sample and
+    landmark."""
+    torch.manual_seed(3)
+    logits = torch.randn(2, 3, 6, 6, 6)
+    target = torch.rand(2, 1, 6, 6, 6)
+
+    class Zero(torch.nn.Module):
+        def forward(self, out, target):
+            return 0 * out.sum()
+
+    squared = (torch.sigmoid(logits[:, 2:]) - target) ** 2
+    mean = SegmentationHeatmapLoss(Zero(), 2, heatmap_loss_weight=1.0)
+    per_landmark = SegmentationHeatmapLoss(Zero(), 2, heatmap_loss_weight=1.0, reduction="landmark", reference_fraction=0.05)
+    assert float(per_landmark(logits, [None, target])) == pytest.approx(float(squared.mean()) / 0.05, rel=1e-6)
+    assert float(mean(logits, [None, target])) == pytest.approx(float(squared.mean()), rel=1e-6)
+    topk = SegmentationHeatmapLoss(Zero(), 2, heatmap_loss_weight=1.0, reduction="topk", topk_fraction=0.1,
+                                   heatmap_loss="bce")
+    bce = torch.nn.functional.binary_cross_entropy_with_logits(logits[:, 2:], target, reduction="none").flatten(2)
+    hardest = torch.sort(bce, dim=2, descending=True).values[:, :, :22]  # ceil(0.1 * 216)
+    assert float(topk(logits, [None, target])) == pytest.approx(float(hardest.mean()), rel=1e-6)
+    with pytest.raises(ValueError, match="reduction"):
+        SegmentationHeatmapLoss(Zero(), 2, reduction="median")
 
 
 def test_landmark_label_manager():

@@ -25,25 +25,13 @@ from typing import Mapping, Sequence
 
 import numpy as np
 import torch
-from nnunetv2.training.dataloading.data_loader import nnUNetDataLoader
-from threadpoolctl import ThreadpoolController
 
-from nnunet_landmark.heatmap import HeatmapEncoding, render_heatmaps_mapped
-from nnunet_landmark.training.keypoint_transforms import LandmarkKeypoints, with_landmarks
-
-# threadpool_limits() rediscovers the loaded BLAS/OpenMP libraries on every call (~4 ms, reading /proc/self/maps):
-# 10% of a small batch. One controller per process does that once.
-_THREADPOOLS: ThreadpoolController | None = None
+from nnunet_landmark.heatmap_targets import HeatmapEncoding, render_heatmaps_mapped
+from nnunet_landmark.training.keypoint_transforms import LandmarkKeypoints, check_conventions, with_landmarks
+from nnunet_landmark.training.seeding import SeededDataLoader
 
 
-def _single_threaded():
-    global _THREADPOOLS
-    if _THREADPOOLS is None:
-        _THREADPOOLS = ThreadpoolController()
-    return _THREADPOOLS.limit(limits=1, user_api=None)
-
-
-class nnUNetLandmarkDataLoader(nnUNetDataLoader):
+class nnUNetLandmarkDataLoader(SeededDataLoader):
     def __init__(self, *args, landmarks: Mapping[str, np.ndarray], spacing: Sequence[float],
                  encoding: HeatmapEncoding, landmark_oversample_percent: float = 0.0, **kwargs):
         """``landmarks``: case identifier -> (K, 3) positions in preprocessed voxel indices.
@@ -74,6 +62,7 @@ class nnUNetLandmarkDataLoader(nnUNetDataLoader):
         """
         source, adapted = self._landmark_pipeline
         if source is not self.transforms:
+            check_conventions()
             adapted = with_landmarks(self.transforms)
             self._landmark_pipeline = (self.transforms, adapted)
         return adapted
@@ -97,18 +86,6 @@ class nnUNetLandmarkDataLoader(nnUNetDataLoader):
             lbs, ubs = super().get_bbox(data_shape, force_fg, class_locations, overwrite_class, verbose)
         self._batch_crops.append(np.asarray(lbs, dtype=np.float64))
         return lbs, ubs
-
-    def crop_batch(self) -> tuple[dict, np.ndarray]:
-        """One batch cropped by nnU-Net's loop without transforms, and (B, K, 3) landmark positions in each crop."""
-        transforms, self.transforms = self.transforms, None
-        try:
-            batch = super().generate_train_batch()
-        finally:
-            self.transforms = transforms
-        if len(self._batch_crops) != len(batch["keys"]):
-            raise RuntimeError("crop boxes and samples are out of step: nnU-Net's data loader no longer calls "
-                               "get_bbox once per sample (checked against nnunetv2 2.8.1)")
-        return batch, np.stack([self.landmarks[k] - lo for k, lo in zip(batch["keys"], self._batch_crops)])
 
     def generate_train_batch(self):
         pipeline = self.landmark_transforms

@@ -13,7 +13,8 @@ crop and interpolated by the spatial transform was.
 ``with_landmarks(pipeline)`` rebuilds a pipeline with these subclasses. A transform it cannot follow (elastic
 deformation switched on, an unknown transform that may move voxels) raises ``UnsupportedTransformError`` naming
 it: a misplaced heatmap would train the network on wrong targets without any sign.
-The nnU-Net/batchgeneratorsv2 conventions relied on here are checked in ``nnunet_integration.check_internals``.
+The batchgeneratorsv2 conventions relied on here are checked by ``convention_problems`` (numerically, on a small
+index ramp) when a landmark loader first builds its pipeline.
 """
 from __future__ import annotations
 
@@ -202,9 +203,65 @@ def with_landmarks(transform: BasicTransform | None) -> BasicTransform | None:
         f"maps_landmark_keypoints = True.")
 
 
-def affine_grid_source(affine: np.ndarray, centre, patch_size, index) -> np.ndarray:
-    """Where SpatialTransform's output voxel ``index`` samples its input (affine grid, align_corners=False)."""
-    patch = np.asarray(patch_size, dtype=np.float64)
-    return (np.asarray(index, dtype=np.float64) - (patch - 1) / 2) @ np.asarray(affine).T + \
-        np.asarray(centre, dtype=np.float64) - 0.5
+SPATIAL_TRANSFORM_PARAMETERS = {"center_location_in_pixels", "grid", "affine", "elastic_offsets"}
 
+
+def convention_problems() -> list[str]:
+    """Every voxel of an index ramp holds its own index: after SpatialTransform (affine and crop-only paths) and
+    MirrorTransform, mapping the sampled indices as keypoints must give back the output voxels that hold them."""
+    import numpy as np
+    import torch
+    from batchgeneratorsv2.transforms.spatial.mirroring import MirrorTransform
+    from batchgeneratorsv2.transforms.spatial.spatial import SpatialTransform
+
+
+    shape, patch = (13, 12, 11), (7, 6, 5)
+    ramp = torch.from_numpy(np.stack(np.meshgrid(*[np.arange(n, dtype=np.float32) for n in shape], indexing="ij")))
+    inner = np.array([[3, 2, 2], [3, 3, 2], [2, 3, 3], [4, 2, 1]])  # output voxels that sample inside the ramp
+    problems = []
+    state = np.random.get_state()  # the check must not change the caller's random draws
+    with torch.no_grad():
+        try:
+            np.random.seed(0)
+            for p_affine in (1, 0):
+                stock = SpatialTransform(patch, 0, False, p_rotation=p_affine, rotation=(0.2, 0.4), p_scaling=p_affine,
+                                         scaling=(1.1, 1.1))
+                params = stock.get_parameters(image=ramp)
+                if set(params) != SPATIAL_TRANSFORM_PARAMETERS:
+                    problems.append(f"SpatialTransform.get_parameters returns {sorted(params)}, expected "
+                                    f"{sorted(SPATIAL_TRANSFORM_PARAMETERS)}")
+                    break
+                sampled = stock._apply_to_image(ramp, **params).numpy()
+                sources = sampled[(slice(None), *inner.T)].T
+                mapped = LandmarkSpatialTransform.from_transform(stock)._apply_to_keypoints(
+                    LandmarkKeypoints.in_crop(sources), **params).positions
+                if not np.allclose(mapped, inner, atol=1e-3):
+                    problems.append(f"SpatialTransform ({'affine grid' if p_affine else 'crop only'}) no longer samples "
+                                    f"where nnunet-landmark maps landmarks: {mapped.tolist()} vs {inner.tolist()}")
+            mirror = MirrorTransform((0, 1, 2))
+            params = {"axes": [0, 2]}
+            flipped = mirror._apply_to_image(ramp, **params).numpy()
+            sources = flipped[(slice(None), *inner.T)].T
+            mapped = LandmarkMirrorTransform.from_transform(mirror)._apply_to_keypoints(
+                LandmarkKeypoints.in_crop(sources), **params, spatial_shape=shape).positions
+            if not np.allclose(mapped, inner):
+                problems.append("MirrorTransform no longer flips the way nnunet-landmark mirrors landmarks")
+        finally:
+            np.random.set_state(state)
+    return problems
+
+
+_CONVENTIONS_CHECKED = False
+
+
+def check_conventions() -> None:
+    """Raise, naming what moved, if batchgeneratorsv2 no longer samples and mirrors as the keypoints assume (checked
+    once per process, numerically: ``convention_problems``)."""
+    global _CONVENTIONS_CHECKED
+    if _CONVENTIONS_CHECKED:
+        return
+    problems = convention_problems()
+    if problems:
+        raise RuntimeError("the landmark keypoints follow batchgeneratorsv2's transforms as in nnunetv2 2.8.1's "
+                           "environment, and these have changed:\n  " + "\n  ".join(problems))
+    _CONVENTIONS_CHECKED = True

@@ -108,29 +108,36 @@ def fit_position_prior(preprocessed_folder: str, cases: Sequence[str], world_lan
     return PositionPrior.fit(fitted, landmark_names, surface_distance)
 
 
-def heatmap_extremum_errors(table_file: str, world_landmarks: dict, landmark_names: Sequence[str],
-                            cases: Sequence[str]) -> dict[str, list[float]]:
-    """{landmark: errors (mm)} of the heatmap extrema (``heatmap_x,y,z``) that a landmark table (the ``landmarks.csv``
-    of a validation or prediction folder) holds for ``cases``, against their world landmarks."""
-    from nnunet_landmark.evaluation.metrics import landmark_error_mm
+def validation_measurements(table_file: str, world_landmarks: dict, landmark_names: Sequence[str],
+                            cases: Sequence[str]) -> dict[str, dict[str, list[float]]]:
+    """What a landmark table (the ``landmarks.csv`` of a validation or prediction folder) says about ``cases`` against
+    their world landmarks: {"heatmap": errors (mm) of the heatmap extrema (``heatmap_x,y,z``), "prior": errors of the
+    position prior alone (``prior_x,y,z``; none where a row has no prior), "claims": the distances the heatmap
+    claimed at its extremum (``heatmap_claim_mm``)}, each {landmark: values}."""
+    from nnunet_landmark.metrics import landmark_error_mm
     from nnunet_landmark.landmark_files import read_landmark_table
 
-    errors: dict[str, list[float]] = {}
+    out: dict[str, dict[str, list[float]]] = {"heatmap": {}, "prior": {}, "claims": {}}
     for row in read_landmark_table(table_file):
-        if row["case"] in cases and row["name"] in landmark_names and row.get("heatmap_x"):
-            reference = world_landmarks[row["case"]][list(landmark_names).index(row["name"])]
-            point = [float(row[f"heatmap_{a}"]) for a in "xyz"]
-            errors.setdefault(row["name"], []).append(landmark_error_mm(point, reference))
-    return errors
+        if row["case"] not in cases or row["name"] not in landmark_names:
+            continue
+        reference = world_landmarks[row["case"]][list(landmark_names).index(row["name"])]
+        for kind in ("heatmap", "prior"):
+            if row.get(f"{kind}_x"):
+                point = [float(row[f"{kind}_{a}"]) for a in "xyz"]
+                out[kind].setdefault(row["name"], []).append(landmark_error_mm(point, reference))
+        if row.get("heatmap_claim_mm"):
+            out["claims"].setdefault(row["name"], []).append(float(row["heatmap_claim_mm"]))
+    return out
 
 
 def boundary_distance(seg, geometry: CaseGeometry, structure: int, point: np.ndarray,
                       margin_mm: float = SURFACE_MARGIN_MM) -> float:
     """Signed distance (mm, > 0 outside) of a world point from ``structure``'s boundary in a preprocessed (1, Z, Y, X)
     segmentation, from a crop of ``margin_mm`` around the point (NaN when the point is outside the image)."""
-    from nnunet_landmark.position_prior import signed_distance, structure_mask
-
     from scipy import ndimage
+
+    from nnunet_landmark.position_prior import signed_distance, structure_mask
 
     spacing = np.asarray(geometry.preprocessed_spacing)
     position = np.asarray(geometry.world_to_preprocessed(point), dtype=np.float64)

@@ -10,6 +10,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from nnunetv2.training.logging.nnunet_logger import LocalLogger  # noqa: E402
 
+from nnunet_landmark import nnunet_integration  # noqa: E402
+
 LANDMARK_KEYS = ("train_heatmap_losses", "val_heatmap_losses", "val_landmark_errors_mm")
 
 
@@ -19,7 +21,7 @@ class LandmarkLocalLogger(LocalLogger):
     def __init__(self, verbose: bool = False):
         super().__init__(verbose)
         for key in LANDMARK_KEYS:
-            self.my_fantastic_logging[key] = []
+            nnunet_integration.logged_values(self)[key] = []
 
     def load_checkpoint(self, checkpoint: dict):
         # a checkpoint of a plain nnU-Net run (or an older one) lacks our keys: start them empty
@@ -27,7 +29,7 @@ class LandmarkLocalLogger(LocalLogger):
 
     def plot_progress_png(self, output_folder: str):
         """nnU-Net's three panels plus a fourth: heatmap losses and landmark error (mm) per epoch."""
-        log = self.my_fantastic_logging
+        log = nnunet_integration.logged_values(self)
         epoch = min(len(v) for v in log.values()) - 1
         if epoch < 0:
             return

@@ -27,25 +27,28 @@ from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 from torch import distributed as dist
 
 from nnunet_landmark import nnunet_integration
-from nnunet_landmark.heatmap import HeatmapEncoding, decode_heatmap
+from nnunet_landmark.metrics import landmark_errors_mm, summarize
+from nnunet_landmark.heatmap_targets import HeatmapEncoding
+from nnunet_landmark.heatmap_decoding import decode_heatmap
 from nnunet_landmark.inference import export_prediction_with_landmarks
-from nnunet_landmark.evaluation.metrics import landmark_errors_mm, summarize
 from nnunet_landmark.landmark_files import LandmarkFileError, read_markups
 from nnunet_landmark.landmark_heads import (LandmarkHeads, landmark_names_from_dataset_json, record_position_prior,
-                                            recorded_position_priors, set_position_prior)
+                                            set_position_prior, write_plans_keeping_priors)
+from nnunet_landmark.landmark_network import HeatmapHeadConfig, LandmarkNetwork
 from nnunet_landmark.layout import LANDMARK_SUMMARY, LANDMARK_TABLE, markups_path
 from nnunet_landmark.raw_dataset import save_json
 from nnunet_landmark.training.data_loading import nnUNetLandmarkDataLoader
-from nnunet_landmark.training.landmark_targets import (copy_raw_splits, fit_position_prior, heatmap_extremum_errors,
-                                                       load_landmark_targets)
+from nnunet_landmark.training.landmark_targets import (copy_raw_splits, fit_position_prior, load_landmark_targets,
+                                                       validation_measurements)
 from nnunet_landmark.training.loss import SegmentationHeatmapLoss
 from nnunet_landmark.training.progress_logging import LandmarkLocalLogger
+from nnunet_landmark.training.seeding import SeededTraining
 
 nnunet_integration.install(export_prediction_with_landmarks)
 
 
 def _summary(values) -> dict:
-    """``evaluation.metrics.summarize`` in landmark_summary.json's format (None when empty, SD 0 for one value)."""
+    """``metrics.summarize`` in landmark_summary.json's format (None when empty, SD 0 for one value)."""
     s = summarize(values)
     if s["n"] == 0:
         return {"mean": None, "sd": None, "median": None, "max": None, "n": 0}
@@ -53,7 +56,7 @@ def _summary(values) -> dict:
             "n": s["n"]}
 
 
-class nnUNetTrainerLandmark(nnUNetTrainer):
+class nnUNetTrainerLandmark(SeededTraining, nnUNetTrainer):
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device('cuda')):
         # user errors first, before nnU-Net creates output folders and logs
@@ -67,19 +70,30 @@ class nnUNetTrainerLandmark(nnUNetTrainer):
             raise RuntimeError(f"configuration {configuration!r} is 2D; nnUNetTrainerLandmark needs a 3D configuration "
                                f"such as 3d_fullres")
         super().__init__(plans, configuration, fold, dataset_json, device)
-        self.heatmap_encoding = "log_distance"  # or "gaussian"
+        # the recipe (benchmarks/ABLATION.md): the paper's sigmoid heatmap with MSE and beta 10, on a compact target
+        # (log-distance clipped at 30 mm), summed per landmark, from a decoupled head that sends a tenth of its
+        # gradient into the segmentation network, with a third of the patches centred near a landmark.
+        # nnUNetTrainerLandmarkPaper keeps the paper's exact setting.
+        self.heatmap_encoding = "log_distance"  # or "gaussian", "cone" (heatmap.ENCODINGS)
         self.heatmap_loss_weight = 10.0  # beta in the paper
         self.heatmap_loss = "mse"  # the paper's MSE on sigmoid outputs, or "bce" (soft-target cross-entropy)
-        self.heatmap_deep_supervision = True  # heatmap MSE at every output resolution, as nnU-Net's Dice+CE
-        self.heatmap_max_distance_mm = None  # log_distance: None = the patch diagonal in mm
-        self.heatmap_scale_mm = 20.0  # log_distance: d0 in log(1 + d / d0), see HeatmapEncoding
+        self.heatmap_loss_reduction = "landmark"  # per landmark, or the paper's "mean" over the patch, "topk" (loss.py)
+        self.heatmap_topk_fraction = 0.2  # "topk": the hardest fraction of voxels per sample and landmark
+        self.heatmap_deep_supervision = True  # heatmap loss at every output resolution, as nnU-Net's Dice+CE
+        self.heatmap_max_distance_mm = 30.0  # log_distance: None = the patch diagonal in mm; cone: its radius
+        self.heatmap_scale_mm = 10.0  # log_distance: d0 in log(1 + d / d0), see HeatmapEncoding
         self.heatmap_sigma_mm = None  # gaussian: None = max(4 mm, 2 voxels)
-        self.landmark_oversample_percent = 0.0
+        self.heatmap_head = "decoupled"  # or "shared": K more channels of the segmentation's output layer (the paper's)
+        self.heatmap_head_channels = 16  # decoupled head: its width
+        self.heatmap_head_stride = 2  # decoupled head: works at 1 / stride of the output's resolution
+        self.heatmap_head_reads_segmentation = False  # decoupled head: also reads the segmentation's probabilities
+        self.heatmap_trunk_gradient_scale = 0.1  # decoupled head: its gradient into the segmentation network
+        self.landmark_oversample_percent = 0.33  # patches centred near a landmark (nnU-Net's foreground sampling)
         self.landmark_heads: LandmarkHeads | None = None
         self.world_landmarks = None  # case -> (K, 3) LPS mm
         self.preprocessed_landmarks = None  # case -> (K, 3) preprocessed voxel index
         self.position_prior = None  # position_prior.PositionPrior of this fold's training cases
-        self.logger.local_logger = LandmarkLocalLogger(self.logger.local_logger.verbose)
+        nnunet_integration.use_local_logger(self, LandmarkLocalLogger)
 
     # ------------------------------------------------------------------------------------------ network
     @staticmethod
@@ -92,17 +106,35 @@ class nnUNetTrainerLandmark(nnUNetTrainer):
         if num_output_channels != heads.num_segmentation_heads:
             raise RuntimeError(f"the plans' landmark heads expect {heads.num_segmentation_heads} segmentation "
                                f"channels, the dataset has {num_output_channels}")
-        return nnUNetTrainer.build_network_architecture(plans_manager, configuration_manager, num_input_channels,
-                                                        heads.num_output_channels, enable_deep_supervision)
+        if heads.head.kind == "shared":
+            return nnUNetTrainer.build_network_architecture(plans_manager, configuration_manager, num_input_channels,
+                                                            heads.num_output_channels, enable_deep_supervision)
+        segmentation = nnUNetTrainer.build_network_architecture(plans_manager, configuration_manager,
+                                                                num_input_channels, heads.num_segmentation_heads,
+                                                                enable_deep_supervision)
+        return LandmarkNetwork(segmentation, heads.num_landmarks, heads.head, heads.encoding.background)
 
     def _make_landmark_heads(self) -> LandmarkHeads:
         patch_mm = np.asarray(self.configuration_manager.patch_size) * np.asarray(self.configuration_manager.spacing)
+        default_distance = float(np.linalg.norm(patch_mm)) if self.heatmap_encoding == "log_distance" else \
+            15 * float(max(self.configuration_manager.spacing))  # cone: nnLandmark's 15 voxels
         encoding = HeatmapEncoding(
             self.heatmap_encoding,
-            max_distance_mm=self.heatmap_max_distance_mm or float(np.linalg.norm(patch_mm)),
+            max_distance_mm=self.heatmap_max_distance_mm or default_distance,
             scale_mm=self.heatmap_scale_mm,
             sigma_mm=self.heatmap_sigma_mm or max(4.0, 2 * float(max(self.configuration_manager.spacing))))
-        return LandmarkHeads(self.landmark_names, self.label_manager.num_segmentation_heads, encoding)
+        head = HeatmapHeadConfig(self.heatmap_head, self.heatmap_head_channels, self.heatmap_trunk_gradient_scale,
+                                 self.heatmap_head_reads_segmentation,
+                                 "sigmoid" if self.label_manager.has_regions else "softmax", self.heatmap_head_stride)
+        return LandmarkHeads(self.landmark_names, self.label_manager.num_segmentation_heads, encoding, head=head)
+
+    def _support_fraction(self) -> float:
+        """The heatmap target's support ball as a fraction of the patch (at most 1): the ``"landmark"`` loss
+        reduction divides the patch mean by it."""
+        patch_mm3 = float(np.prod(np.asarray(self.configuration_manager.patch_size, dtype=float) *
+                                  np.asarray(self.configuration_manager.spacing, dtype=float)))
+        ball_mm3 = 4.0 / 3.0 * np.pi * self.landmark_heads.encoding.support_mm ** 3
+        return float(min(1.0, ball_mm3 / patch_mm3))
 
     def initialize(self):
         if not self.was_initialized:
@@ -110,7 +142,10 @@ class nnUNetTrainerLandmark(nnUNetTrainer):
             self.landmark_heads.write_to_plans(self.plans_manager.plans)
             self.world_landmarks, self.preprocessed_landmarks = self._load_landmarks()
             self.print_to_log_file(f"landmarks {list(self.landmark_names)}, heatmap encoding "
-                                   f"{self.landmark_heads.encoding}, heatmap loss weight {self.heatmap_loss_weight}")
+                                   f"{self.landmark_heads.encoding}, head {self.landmark_heads.head}, heatmap loss "
+                                   f"{self.heatmap_loss} ({self.heatmap_loss_reduction}), weight "
+                                   f"{self.heatmap_loss_weight}, landmark oversampling "
+                                   f"{self.landmark_oversample_percent}")
         super().initialize()
         self._fit_position_prior()
 
@@ -134,18 +169,17 @@ class nnUNetTrainerLandmark(nnUNetTrainer):
             self.print_to_log_file(f"position prior of {name}: structure {p.structure} (0 = all foreground), "
                                    f"leave-one-out error on the training references {p.loo_rms_mm:.2f} mm RMS")
 
-    def _record_position_prior(self, keep: dict | None = None) -> None:
-        """Add this fold's prior to the model folder's plans.json next to the other folds' (nnU-Net rewrites the file
-        with the in-memory plans, which hold this fold's only: ``keep`` are the others, read before that)."""
+    def _record_position_prior(self) -> None:
+        """Add this fold's prior to the model folder's plans.json next to the other folds'."""
         plans_file = join(self.output_folder_base, "plans.json")
         if self.local_rank == 0 and isfile(plans_file):
-            record_position_prior(plans_file, self._fold_key, self.position_prior, keep)
+            record_position_prior(plans_file, self._fold_key, self.position_prior)
 
     def on_train_start(self):
-        other_folds = recorded_position_priors(join(self.output_folder_base, "plans.json"))
-        other_folds.pop(self._fold_key, None)
-        super().on_train_start()
-        self._record_position_prior(other_folds)
+        # nnU-Net rewrites plans.json from the in-memory plans (this fold's prior only) here: merged with the priors
+        # other folds recorded, under the folder's lock, so folds started side by side keep each other's
+        with nnunet_integration.plans_json_writes(write_plans_keeping_priors):
+            super().on_train_start()
 
     # ------------------------------------------------------------------------------------------ landmarks
     def _load_landmarks(self) -> tuple[dict, dict]:
@@ -159,20 +193,20 @@ class nnUNetTrainerLandmark(nnUNetTrainer):
         return SegmentationHeatmapLoss(super()._build_loss(), self.landmark_heads.num_segmentation_heads,
                                        self.heatmap_loss_weight,
                                        deep_supervision=self.heatmap_deep_supervision and self.enable_deep_supervision,
-                                       heatmap_loss=self.heatmap_loss, compile=self._do_i_compile())
+                                       heatmap_loss=self.heatmap_loss, compile=nnunet_integration.compiles(self),
+                                       reduction=self.heatmap_loss_reduction,
+                                       reference_fraction=self._support_fraction(),
+                                       topk_fraction=self.heatmap_topk_fraction)
 
-    def get_dataloaders(self):
-        def factory(*args, **kwargs) -> nnUNetLandmarkDataLoader:
-            loader = nnUNetLandmarkDataLoader(*args, landmarks=self.preprocessed_landmarks,
-                                              spacing=self.configuration_manager.spacing,
-                                              encoding=self.landmark_heads.encoding,
-                                              landmark_oversample_percent=self.landmark_oversample_percent, **kwargs)
-            # a transform the landmarks cannot follow fails here, in the main process, not in a worker
-            loader.landmark_transforms
-            return loader
-
-        with nnunet_integration.data_loader_class(factory):
-            return super().get_dataloaders()
+    def make_data_loader(self, *args, **kwargs) -> nnUNetLandmarkDataLoader:
+        loader = nnUNetLandmarkDataLoader(*args, landmarks=self.preprocessed_landmarks,
+                                          spacing=self.configuration_manager.spacing,
+                                          encoding=self.landmark_heads.encoding,
+                                          landmark_oversample_percent=self.landmark_oversample_percent,
+                                          seed=self.seed, **kwargs)
+        # a transform the landmarks cannot follow fails here, in the main process, not in a worker
+        loader.landmark_transforms
+        return loader
 
     def do_split(self):
         if self.fold != "all":
@@ -271,7 +305,7 @@ class nnUNetTrainerLandmark(nnUNetTrainer):
         per_case, problems = {}, []
         for case in sorted(val_keys):
             try:
-                predicted = read_markups(markups_path(folder, case))
+                predicted = read_markups(markups_path(folder, case), flagged=True)
             except LandmarkFileError as e:
                 problems.append(str(e))
                 continue
@@ -279,13 +313,15 @@ class nnUNetTrainerLandmark(nnUNetTrainer):
             per_case[case] = landmark_errors_mm(predicted, reference, self.landmark_names)
         if problems:
             raise RuntimeError("validation landmarks missing:\n  " + "\n  ".join(problems))
-        # the heatmap's own extremum, which the table keeps beside the estimate
-        extremum = heatmap_extremum_errors(join(folder, LANDMARK_TABLE), self.world_landmarks, self.landmark_names,
+        # the heatmap's own extremum and the prior alone, which the table keeps beside the estimate
+        measured = validation_measurements(join(folder, LANDMARK_TABLE), self.world_landmarks, self.landmark_names,
                                            list(per_case))
+        extremum = measured["heatmap"]
         summary = {"landmarks": list(self.landmark_names), "unit": "mm", "coordinate_system": "LPS",
                    "per_case": per_case,
                    "per_landmark": {n: _summary([e[n] for e in per_case.values()]) for n in self.landmark_names},
-                   "per_landmark_heatmap_extremum": {n: _summary(extremum.get(n, [])) for n in self.landmark_names}}
+                   "per_landmark_heatmap_extremum": {n: _summary(extremum.get(n, [])) for n in self.landmark_names},
+                   "per_landmark_prior_alone": {n: _summary(measured["prior"].get(n, [])) for n in self.landmark_names}}
         save_json(summary, join(folder, LANDMARK_SUMMARY))
         for name, stats in summary["per_landmark"].items():
             self.logger.log_summary(f"final_val/landmark_{name}_error_mm", stats["mean"])
@@ -294,15 +330,17 @@ class nnUNetTrainerLandmark(nnUNetTrainer):
                                    f"{stats['median']:.2f}, max {stats['max']:.2f}, n={stats['n']}); heatmap "
                                    f"extremum alone: " + (f"{raw['mean']:.2f} mm" if raw["n"] else "n/a"),
                                    also_print_to_console=True)
-        self._weigh_heatmap_by_validation(extremum)
+        self._record_validation(measured)
         return summary
 
-    def _weigh_heatmap_by_validation(self, extremum_errors: dict) -> None:
-        """Record in the prior how far the heatmap extremum was off on this fold's validation cases: prediction then
-        weighs the heatmap against the prior by that error (``position_prior.combine_with_heatmap``)."""
+    def _record_validation(self, measured: dict) -> None:
+        """Record in the prior what this fold's validation cases measured: how far the heatmap extremum and the prior
+        alone were off (prediction weighs the heatmap by its error, ``position_prior.combine_with_heatmap``, and both
+        set the expected error, ``credibility``), and the distances the heatmap claimed (``heatmap_flat``)."""
         if self.position_prior is None:
             return
-        self.position_prior = self.position_prior.with_heatmap_errors(extremum_errors)
+        self.position_prior = self.position_prior.with_validation(measured["heatmap"], measured["prior"],
+                                                                  measured["claims"])
         set_position_prior(self.plans_manager.plans, self._fold_key, self.position_prior)
         self._record_position_prior()
         for name, p in self.position_prior.landmarks.items():

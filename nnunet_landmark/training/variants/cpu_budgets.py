@@ -6,12 +6,14 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.training.nnUNetTrainer.variants.optimizer.nnUNetTrainerAdam import nnUNetTrainerVanillaAdam1en3
 
 from nnunet_landmark import nnunet_integration
+from nnunet_landmark.training.seeding import SeededTraining
 from nnunet_landmark.training.trainers import nnUNetTrainerLandmark
+from nnunet_landmark.training.variants.heatmap import NnLandmarkRecipe, PaperRecipe
 from nnunet_landmark.training.variants.optimizer import (nnUNetTrainerLandmarkGaussianVanillaAdam1en3,
                                                          nnUNetTrainerLandmarkVanillaAdam1en3)
 
 
-class CPUBudget:
+class CPUBudget(SeededTraining):
     """Mixin: a short schedule for CPU runs, and no mirroring at the final validation (8x faster on a CPU).
 
     Mirroring stays on in the augmentation and in the checkpoint's allowed TTA axes, so ``nnUNetv2_predict``
@@ -62,44 +64,26 @@ class CPULearningBudget(CPUBudget):
         return nnunet_integration.without_mirroring(configured)
 
 
-class LandmarkCPULearningBudget(CPULearningBudget):
-    """``CPULearningBudget`` for landmark trainers, with the budget's heatmap loss weight ``heatmap_beta`` (why 1:
-    ``nnUNetTrainerLandmark_cpu_learn``)."""
+class nnUNetTrainerLandmark_cpu_learn(CPULearningBudget, nnUNetTrainerLandmarkVanillaAdam1en3):
+    """The learning test's and demo's landmark model: nnUNetTrainerLandmark's recipe, Adam, 40 x 50 iterations.
 
-    heatmap_beta = 1.0
-
-    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
-                 device: torch.device = torch.device('cuda')):
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        self.heatmap_loss_weight = self.heatmap_beta
-
-
-class nnUNetTrainerLandmark_cpu_learn(LandmarkCPULearningBudget, nnUNetTrainerLandmarkVanillaAdam1en3):
-    """The learning test's and demo's landmark model: log-distance heatmaps, Adam, 40 x 50 iterations, beta 1.
-
-    On this budget the heatmap does not localise (its extremum is 5-45 mm off), so prediction places the landmarks
-    by the position prior in the frame of the predicted segmentation, and the heatmap weighs what it proved on the
-    validation cases. What matters is then the segmentation: beta 100 cost 0.027 LV Dice against plain nnU-Net;
-    with the demo's seven structures the paper's beta 10 cost the other structures 0.04-0.14 validation Dice
-    (foreground mean 0.82-0.94 against plain's 0.95-0.96), beta 1 none (0.951-0.953), and it placed the aortic valve
-    2.16 mm off instead of 2.86 (benchmarks/ACCURACY.md). ``nnUNetTrainerLandmark`` keeps the paper's beta 10.
+    Its heatmap localises on this budget (extremum 2-4 mm off on unseen phantoms) at no cost in Dice: the decoupled
+    head sends only a tenth of its gradient into the segmentation network (benchmarks/ABLATION.md). Before it, the
+    heatmap shared the segmentation's output layer and did not localise with any weight the segmentation tolerated.
     """
 
 
-class nnUNetTrainerLandmark_cpu_learn_beta10(nnUNetTrainerLandmark_cpu_learn):
-    """The CPU learning budget with the paper's beta 10, its default until 2026-11-28 (accuracy comparison)."""
-
-    heatmap_beta = 10.0
+class nnUNetTrainerLandmarkPaper_cpu_learn(CPULearningBudget, PaperRecipe, nnUNetTrainerLandmarkVanillaAdam1en3):
+    """The paper's heatmap setting (``PaperRecipe``) on the CPU learning budget (benchmarks/ABLATION.md)."""
 
 
-class nnUNetTrainerLandmark_cpu_learn_beta100(nnUNetTrainerLandmark_cpu_learn):
-    """The CPU learning budget with beta 100, its default before the position prior (accuracy comparison)."""
+class nnUNetTrainerLandmarkNnLandmark_cpu_learn(CPULearningBudget, NnLandmarkRecipe,
+                                                nnUNetTrainerLandmarkVanillaAdam1en3):
+    """nnLandmark's heatmap recipe (``NnLandmarkRecipe``) on the CPU learning budget (benchmarks/ABLATION.md)."""
 
-    heatmap_beta = 100.0
 
-
-class nnUNetTrainerLandmarkGaussian_cpu_learn(LandmarkCPULearningBudget, nnUNetTrainerLandmarkGaussianVanillaAdam1en3):
-    """As nnUNetTrainerLandmark_cpu_learn (beta 1) with Gaussian heatmaps (accuracy study)."""
+class nnUNetTrainerLandmarkGaussian_cpu_learn(CPULearningBudget, nnUNetTrainerLandmarkGaussianVanillaAdam1en3):
+    """As nnUNetTrainerLandmark_cpu_learn with Gaussian heatmaps."""
 
 
 class nnUNetTrainer_cpu_learn(CPULearningBudget, nnUNetTrainerVanillaAdam1en3):

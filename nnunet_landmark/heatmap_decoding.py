@@ -1,155 +1,21 @@
-"""Heatmap targets for landmarks: encode (render) and decode with sub-voxel refinement.
+"""Decoding a predicted heatmap: the landmark's position with sub-voxel refinement, and how confident it is.
 
-Two encodings of "where is the landmark", both functions of the Euclidean distance ``d`` in mm, so every
-patch sees the same function of distance whatever its crop (scaling does not depend on the crop):
-
-* ``log_distance`` (default, the paper's): ``h = min(1, log(1 + d / d0) / log(1 + d_max / d0))``, 0 at the
-  landmark and 1 far away; decoded by argmin. It is defined everywhere, so a patch that does not contain
-  the landmark still says where it is.
-* ``gaussian``: ``h = exp(-d^2 / (2 sigma^2))``, 1 at the landmark; decoded by argmax.
-
-Decoding finds the extreme voxel, then refines it below the voxel size: for ``log_distance`` by
-inverting the encoding to distances around the extremum and solving the least-squares multilateration
-``argmin_p sum_i (|x_i - p| - d_i)^2``; for ``gaussian`` by a per-axis parabola through the log values
-(exact for a Gaussian). Coordinates are voxel indices of the array that is decoded; ``spacing`` gives mm
-per voxel along each array axis.
+Decoding finds the extreme voxel, then refines it below the voxel size: for ``log_distance`` by inverting the
+encoding to distances around the extremum and solving the least-squares multilateration
+``argmin_p sum_i (|x_i - p| - d_i)^2``; for the peak encodings by a per-axis parabola through the log values
+(exact for a Gaussian). Coordinates are voxel indices of the array that is decoded; ``spacing`` gives mm per voxel
+along each array axis. The search makes no full-volume copy (float16 logits from nnU-Net are searched in place).
 """
 from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
 
-ENCODINGS = ("log_distance", "gaussian")
-
-
-@dataclass(frozen=True)
-class HeatmapEncoding:
-    """How a distance to the landmark (mm) becomes a target value in [0, 1]."""
-
-    kind: str = "log_distance"
-    max_distance_mm: float = 100.0  # log_distance: distance that maps to 1
-    scale_mm: float = 1.0  # log_distance: d0, the distance where the log starts to bend
-    sigma_mm: float = 4.0  # gaussian: standard deviation
-
-    def __post_init__(self):
-        if self.kind not in ENCODINGS:
-            raise ValueError(f"unknown heatmap encoding {self.kind!r}; use one of {ENCODINGS}")
-        if self.max_distance_mm <= 0 or self.scale_mm <= 0 or self.sigma_mm <= 0:
-            raise ValueError(f"heatmap encoding parameters must be positive: {self}")
-
-    @property
-    def background(self) -> float:
-        """Target value far from the landmark (what padding outside the image must mean)."""
-        return 1.0 if self.kind == "log_distance" else 0.0
-
-    @property
-    def landmark_value(self) -> float:
-        return 0.0 if self.kind == "log_distance" else 1.0
-
-    def encode(self, distance_mm: np.ndarray) -> np.ndarray:
-        d = np.asarray(distance_mm, dtype=np.float32)
-        if self.kind == "log_distance":
-            out = np.log1p(d / np.float32(self.scale_mm)) / np.float32(math.log1p(self.max_distance_mm / self.scale_mm))
-            return np.minimum(out, np.float32(1.0), out=out) if isinstance(out, np.ndarray) else min(out, 1.0)
-        return np.exp(-(d * d) / np.float32(2 * self.sigma_mm ** 2))
-
-    def decode_distance(self, value: np.ndarray) -> np.ndarray:
-        """Inverse of ``encode`` (distances in mm; saturated values map to the largest distance)."""
-        v = np.clip(np.asarray(value, dtype=np.float64), 1e-6, 1.0)
-        if self.kind == "log_distance":
-            return self.scale_mm * np.expm1(v * math.log1p(self.max_distance_mm / self.scale_mm))
-        return np.sqrt(-2 * self.sigma_mm ** 2 * np.log(v))
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "HeatmapEncoding":
-        return cls(**{k: d[k] for k in ("kind", "max_distance_mm", "scale_mm", "sigma_mm") if k in d})
-
-
-def render_heatmaps(shape: Sequence[int], positions: np.ndarray, spacing: Sequence[float],
-                    encoding: HeatmapEncoding) -> np.ndarray:
-    """Target heatmaps (K, *shape) float32 for K landmark positions (K, ndim) given as voxel indices.
-
-    A NaN position (landmark unknown) gives a channel filled with the background value.
-    """
-    positions = np.atleast_2d(np.asarray(positions, dtype=np.float64))
-    ndim = len(shape)
-    if positions.shape[1] != ndim or len(spacing) != ndim:
-        raise ValueError(f"positions {positions.shape} and spacing {len(spacing)} must match the {ndim}D shape")
-    out = np.empty((positions.shape[0], *shape), dtype=np.float32)
-    for k, p in enumerate(positions):
-        if not np.all(np.isfinite(p)):
-            out[k] = encoding.background
-            continue
-        squared = np.zeros(shape, dtype=np.float32)
-        for axis in range(ndim):
-            coordinate = (np.arange(shape[axis], dtype=np.float32) - np.float32(p[axis])) * np.float32(spacing[axis])
-            view = [1] * ndim
-            view[axis] = shape[axis]
-            squared += (coordinate * coordinate).reshape(view)
-        out[k] = encoding.encode(np.sqrt(squared, out=squared))
-    return out
-
-
-def render_heatmaps_mapped(shape: Sequence[int], positions: np.ndarray, spacing: Sequence[float],
-                           encoding: HeatmapEncoding, to_source: np.ndarray | None = None) -> np.ndarray:
-    """``render_heatmaps`` on an array that is an affine view of a source grid with voxel size ``spacing``.
-
-    ``to_source`` (ndim, ndim): a one-voxel step along each array axis (columns) in source voxels, e.g. an augmented
-    patch's rotation/scaling/mirroring back to the crop it was sampled from; None is the identity (then this equals
-    ``render_heatmaps``). Distances are measured in the source, in mm: ``|diag(spacing) @ to_source @ (x - p)|``, so
-    the target is the same function of distance as a heatmap drawn on the source and resampled, without the
-    resampling. Works slice by slice in place (no full-size float temporaries).
-    """
-    positions = np.atleast_2d(np.asarray(positions, dtype=np.float64))
-    ndim = len(shape)
-    if ndim != 3 or positions.shape[1] != 3 or len(spacing) != 3:
-        raise ValueError(f"positions {positions.shape} and spacing {len(spacing)} must match a 3D shape, got {shape}")
-    linear = np.diag(np.asarray(spacing, dtype=np.float64))
-    if to_source is not None:
-        linear = linear @ np.asarray(to_source, dtype=np.float64)
-    metric = linear.T @ linear  # squared mm of a step along array axes i and j
-    out = np.empty((positions.shape[0], *shape), dtype=np.float32)
-    scratch = np.empty(shape[1:], dtype=np.float32)
-    cross = bool(metric[0, 1] != 0 or metric[0, 2] != 0)
-    for k, p in enumerate(positions):
-        if not np.all(np.isfinite(p)):
-            out[k] = encoding.background
-            continue
-        d0, d1, d2 = (np.arange(n, dtype=np.float64) - p[a] for a, n in enumerate(shape))
-        in_plane = (metric[1, 1] * d1 * d1)[:, None] + (2 * metric[1, 2] * d1)[:, None] * d2[None, :] + \
-            (metric[2, 2] * d2 * d2)[None, :]
-        in_plane = in_plane.astype(np.float32)
-        along = (metric[0, 0] * d0 * d0).astype(np.float32)
-        slope = (2 * (metric[0, 1] * d1[:, None] + metric[0, 2] * d2[None, :])).astype(np.float32) if cross else None
-        for i in range(shape[0]):
-            squared = out[k, i]
-            np.add(in_plane, along[i], out=squared)
-            if cross:
-                np.multiply(slope, np.float32(d0[i]), out=scratch)
-                squared += scratch
-        _encode_squared_in_place(out[k], encoding)
-    return out
-
-
-def _encode_squared_in_place(squared: np.ndarray, encoding: HeatmapEncoding) -> None:
-    """``encoding.encode(sqrt(squared))`` in place, float32 (the same operations as ``encode``)."""
-    np.maximum(squared, np.float32(0), out=squared)  # rounding of a rotated quadratic form near the landmark
-    if encoding.kind == "log_distance":
-        np.sqrt(squared, out=squared)
-        np.divide(squared, np.float32(encoding.scale_mm), out=squared)
-        np.log1p(squared, out=squared)
-        np.divide(squared, np.float32(math.log1p(encoding.max_distance_mm / encoding.scale_mm)), out=squared)
-        np.minimum(squared, np.float32(1.0), out=squared)
-    else:
-        np.divide(squared, np.float32(-2 * encoding.sigma_mm ** 2), out=squared)
-        np.exp(squared, out=squared)
+from nnunet_landmark.heatmap_targets import HeatmapEncoding
 
 
 @dataclass(frozen=True)
@@ -280,7 +146,7 @@ _HALF_INF = 0x7C00  # float16 bit patterns: +inf; +NaN lie above it (as int16), 
 _HALF_MINUS_ZERO = 0x8000
 
 
-def _valid_at(valid, shape: tuple[int, ...], index: tuple) -> np.ndarray:
+def valid_at(valid, shape: tuple[int, ...], index: tuple) -> np.ndarray:
     """``valid`` (an array broadcastable to ``shape``, or an object indexable like the full mask) at ``index``."""
     if isinstance(valid, (np.ndarray, list, tuple, bool)):
         return np.broadcast_to(np.asarray(valid, dtype=bool), shape)[index]
@@ -329,7 +195,7 @@ def _masked_search(heatmap: np.ndarray, valid, kind: str, slab_voxels: int = SEA
         box = (slice(start, start + rows),)
         values = np.array(heatmap[box], dtype=work_dtype)
         if valid is not None:
-            np.copyto(values, worst, where=~_valid_at(valid, heatmap.shape, box))
+            np.copyto(values, worst, where=~valid_at(valid, heatmap.shape, box))
         index = int(np.argmin(values) if minimum else np.argmax(values))
         value = values.flat[index]
         if best_value is None or (not np.isnan(best_value) and
@@ -353,17 +219,17 @@ def _search_extremum(heatmap: np.ndarray, valid, kind: str, already_sigmoid: boo
     shape = heatmap.shape
     flat = _first_extreme_index(heatmap, maximum=not minimum)
     voxel = None if flat is None else tuple(int(i) for i in np.unravel_index(flat, shape))
-    if voxel is None or (valid is not None and not bool(_valid_at(valid, shape, voxel))):
+    if voxel is None or (valid is not None and not bool(valid_at(valid, shape, voxel))):
         return _masked_search(heatmap, valid, kind)
     flat = _first_extreme_index(heatmap, maximum=minimum)
     if flat is not None and np.isfinite(heatmap.flat[flat]):
         far_voxel = tuple(int(i) for i in np.unravel_index(flat, shape))
-        if valid is None or bool(_valid_at(valid, shape, far_voxel)):
+        if valid is None or bool(valid_at(valid, shape, far_voxel)):
             return voxel, float(heatmap.flat[flat])
     # a bound from every 4th voxel per axis: the true far value is at least as far from the extreme
     box = tuple(slice(None, None, 4) for _ in shape)
     sample = np.array(heatmap[box], dtype=np.result_type(heatmap.dtype, np.float32))
-    keep = np.isfinite(sample) if valid is None else np.isfinite(sample) & _valid_at(valid, shape, box)
+    keep = np.isfinite(sample) if valid is None else np.isfinite(sample) & valid_at(valid, shape, box)
     if keep.any():
         bound = float(np.max(sample, where=keep, initial=-np.inf) if minimum else
                       np.min(sample, where=keep, initial=np.inf))
