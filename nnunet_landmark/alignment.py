@@ -17,19 +17,19 @@ readers' ``LandmarkFileError``) with the file named.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Sequence
 
 import numpy as np
 import SimpleITK as sitk
 
-from nnunet_landmark.geometry import ImageGeometry, ras_to_lps
-from nnunet_landmark.landmark_files import (LandmarkFileError, read_image_3d, read_landmark_csv, read_landmark_table,
-                                            read_markups)
+from nnunet_landmark.alignment_landmarks import AlignmentError, common_landmarks, landmark_statuses, load_landmarks
+from nnunet_landmark.geometry import ImageGeometry
+from nnunet_landmark.landmark_files import (LandmarkFileError, read_image_3d, read_landmark_csv)
+from nnunet_landmark.layout import atomic_write_json
+from nnunet_landmark.surfaces import MESH_FORMATS, SurfaceError, label_surface, mesh_volume, write_surface
 
 DIRECTION = ("maps points of the fixed space into the moving space: p_moving = T(p_fixed) (ITK resampling "
              "convention; resample moving images onto the fixed grid with T as is, move moving points and "
@@ -39,68 +39,6 @@ DIRECTION = ("maps points of the fixed space into the moving space: p_moving = T
 COLLINEARITY_LIMIT = 0.05
 # a rigid fit between landmark sets whose sizes differ by more than this factor: most likely mm vs cm (or m)
 SIZE_RATIO_LIMIT = 2.0
-# a CSV column saying in which world frame its x, y, z are (rows without it: LPS, as everything here)
-CSV_COORDINATE_SYSTEM_COLUMNS = ("coordinate_system", "coordinateSystem", "coordinate_frame")
-MESH_FORMATS = {".vtk": "vtk42", ".stl": "stl", ".ply": "ply", ".obj": "obj"}
-
-
-class AlignmentError(ValueError):
-    """Landmarks or images that cannot be aligned; the message names the file and what is wrong."""
-
-
-# ---------------------------------------------------------------------------------------------- landmarks
-def load_landmarks(path: str | os.PathLike, case: str | None = None) -> "OrderedDict[str, np.ndarray]":
-    """One case's landmarks (LPS mm) from a Slicer ``.mrk.json`` or a ``case,name,x,y,z`` CSV.
-
-    A CSV with several cases needs ``case``; duplicate names and non-mm units are errors (the readers raise them
-    with the file named).
-    """
-    p = str(path)
-    if not os.path.isfile(p):
-        raise AlignmentError(f"{p}: no such landmark file")
-    if p.lower().endswith(".csv"):
-        systems = set()
-        for row in read_landmark_table(p):
-            for column in ("unit", "units", "coordinate_units"):
-                if row.get(column) not in (None, "", "mm"):
-                    raise LandmarkFileError(f"{p}: coordinate units {row[column]!r} (column '{column}') are not "
-                                            f"supported, only 'mm'; convert the positions to mm")
-            for column in CSV_COORDINATE_SYSTEM_COLUMNS:
-                if row.get(column) not in (None, ""):
-                    systems.add(row[column].strip().upper())
-        if not systems <= {"LPS", "RAS"} or len(systems) > 1:
-            raise LandmarkFileError(f"{p}: coordinate system(s) {sorted(systems)} in its rows; one of LPS (ITK, "
-                                    f"nnU-Net, this tool) or RAS (3D Slicer's world) is supported per file")
-        table = read_landmark_csv(p)
-        if systems == {"RAS"}:
-            table = OrderedDict((c, OrderedDict((n, ras_to_lps(v)) for n, v in points.items()))
-                                for c, points in table.items())
-        if case is None:
-            if len(table) > 1:
-                raise AlignmentError(f"{p}: the CSV holds {len(table)} cases ({', '.join(list(table)[:8])}"
-                                     f"{', ...' if len(table) > 8 else ''}); say which one with --case")
-            return next(iter(table.values()))
-        if case not in table:
-            raise AlignmentError(f"{p}: no case '{case}' in the CSV; it holds {', '.join(list(table)[:8])}"
-                                 f"{', ...' if len(table) > 8 else ''}")
-        return table[case]
-    if p.lower().endswith(".json"):
-        return read_markups(p)
-    raise AlignmentError(f"{p}: unknown landmark file type; use a 3D Slicer .mrk.json or a case,name,x,y,z CSV")
-
-
-def common_landmarks(moving: Mapping[str, np.ndarray], fixed: Mapping[str, np.ndarray],
-                     moving_source: str = "moving landmarks", fixed_source: str = "fixed landmarks",
-                     minimum: int = 3) -> tuple[list[str], np.ndarray, np.ndarray]:
-    """The names both sets hold (in the moving set's order) and their (N, 3) positions, moving then fixed."""
-    names = [n for n in moving if n in fixed]
-    if len(names) < minimum:
-        raise AlignmentError(
-            f"only {len(names)} landmark name(s) in common ({', '.join(names) or 'none'}); a rigid alignment needs "
-            f"at least {minimum}. {moving_source} holds: {', '.join(moving) or 'nothing'}; {fixed_source} holds: "
-            f"{', '.join(fixed) or 'nothing'}. Name the same landmarks alike in both files.")
-    return (names, np.array([moving[n] for n in names], dtype=np.float64),
-            np.array([fixed[n] for n in names], dtype=np.float64))
 
 
 @dataclass(frozen=True)
@@ -274,87 +212,17 @@ def resample_segmentation(segmentation: sitk.Image, reference: sitk.Image, trans
     return sitk.Resample(segmentation, reference, transform, sitk.sitkNearestNeighbor, 0.0, segmentation.GetPixelID())
 
 
-def label_surface(segmentation: sitk.Image, label: int = 1) -> tuple[np.ndarray, np.ndarray]:
-    """Marching-cubes surface of one label: vertices (V, 3) in world LPS mm, triangles (F, 3), outward normals.
-
-    Vertices lie half-way between a voxel centre inside and one outside the label (level 0.5 on the mask), so
-    within half a voxel of the label's boundary. The mask is padded so that the surface is closed at the image
-    border.
-    """
-    from skimage.measure import marching_cubes
-
-    array = sitk.GetArrayViewFromImage(segmentation)  # (z, y, x)
-    mask = np.pad(array == label, 1)
-    if not mask.any():
-        present = [int(v) for v in np.unique(array) if v != 0]
-        raise AlignmentError(f"label {label} is absent from the segmentation (labels present: {present or 'none'}); "
-                             f"choose the LV cavity's label with --label")
-    vertices, faces, _, _ = marching_cubes(mask.astype(np.float32), level=0.5)
-    geometry = ImageGeometry.from_image(segmentation)
-    world = geometry.array_index_to_world(vertices.astype(np.float64) - 1.0)  # undo the padding
-    # (z, y, x) -> (x, y, z) is a reflection, and so is a direction matrix with determinant -1: a mirroring map
-    # turns the triangles' winding, hence their normals, inside out
-    array_to_world = geometry.index_to_world_matrix[:, ::-1]
-    if np.linalg.det(array_to_world) > 0:
-        faces = faces[:, ::-1]
-    return world, np.ascontiguousarray(faces, dtype=np.int64)
-
-
-def mesh_volume(vertices: np.ndarray, faces: np.ndarray) -> float:
-    """Signed volume (mm^3) of a closed triangle mesh: positive when the normals point outwards."""
-    a, b, c = (vertices[faces[:, i]] for i in range(3))
-    return float(np.sum(np.einsum("ij,ij->i", a, np.cross(b, c))) / 6.0)
-
-
-def write_surface(path: str | os.PathLike, vertices: np.ndarray, faces: np.ndarray) -> None:
-    """Write a triangle mesh (world LPS mm) as .vtk, .stl (binary), .ply (binary) or .obj with meshio.
-
-    .vtk is legacy format 4.2 (what Slicer writes; 5.1 needs VTK >= 9), an unstructured grid of triangles, which
-    3D Slicer and ParaView open as a surface. 3D Slicer (since 4.11) reads mesh files as LPS unless their header
-    says ``SPACE=RAS``; we also put ``SPACE=LPS`` where Slicer's model reader looks for it (VTK title, PLY and OBJ
-    comment, STL header), as Slicer itself writes it, so the file cannot be misread even where Slicer's default
-    was changed. ParaView has no coordinate system and ignores the tag.
-    """
-    import meshio
-
-    path = Path(path)
-    suffix = path.suffix.lower()
-    if suffix not in MESH_FORMATS:
-        raise AlignmentError(f"{path}: unknown surface format '{suffix}'; use one of {', '.join(MESH_FORMATS)}")
-    # int32: PLY has no 64-bit integers (meshio would warn and cast)
-    mesh = meshio.Mesh(np.asarray(vertices, dtype=np.float64), [("triangle", np.asarray(faces, dtype=np.int32))])
-    kwargs = {"binary": True} if suffix in (".vtk", ".stl", ".ply") else {}
-    meshio.write(path, mesh, file_format=MESH_FORMATS[suffix], **kwargs)
-    _tag_lps(path, suffix)
-
-
-def _tag_lps(path: Path, suffix: str) -> None:
-    """Put ``SPACE=LPS`` where Slicer's model reader looks for the coordinate system."""
-    data = path.read_bytes()
-    tag = b"nnunet-landmark surface, SPACE=LPS, mm"
-    if suffix == ".vtk":  # the second line is the file's free-text title
-        lines = data.split(b"\n", 2)
-        data = b"\n".join([lines[0], tag, lines[2]])
-    elif suffix == ".ply":  # a comment after the 'format' line
-        lines = data.split(b"\n", 2)
-        data = b"\n".join([lines[0], lines[1], b"comment " + tag, lines[2]])
-    elif suffix == ".obj":
-        data = b"# " + tag + b"\n" + data
-    elif suffix == ".stl":  # binary: an 80-byte free header that must not start with 'solid'
-        data = tag.ljust(80, b" ") + data[80:]
-    path.write_bytes(data)
-
-
 # ---------------------------------------------------------------------------------------------- the command
 def align(moving_file: str | os.PathLike, fixed_file: str | os.PathLike, output_transform: str | os.PathLike,
           scale: bool = False, case: str | None = None, fixed_case: str | None = None,
           segmentation: str | os.PathLike | None = None, fixed_image: str | os.PathLike | None = None,
           segmentation_output: str | os.PathLike | None = None, surface: str | os.PathLike | None = None,
-          label: int = 1) -> dict:
+          label: int = 1, allow_flagged: bool = False) -> dict:
     """Fit, write ``output_transform`` (.tfm) and the report (.json beside it); optionally move a segmentation.
 
     ``moving_file`` holds our landmarks (the CT the segmentation belongs to), ``fixed_file`` theirs. Every input is
-    checked before anything is written. Returns the report that is also written as JSON.
+    checked before anything is written; a landmark our export flagged as not credible (``landmark_statuses``) stops
+    the alignment unless ``allow_flagged``. Returns the report that is also written as JSON.
     """
     output_transform = Path(output_transform)
     if output_transform.suffix.lower() not in (".tfm", ".txt", ".h5", ".hdf5", ".mat"):
@@ -370,6 +238,12 @@ def align(moving_file: str | os.PathLike, fixed_file: str | os.PathLike, output_
         raise AlignmentError(f"{surface}: unknown surface format; use one of {', '.join(MESH_FORMATS)}")
 
     moving_landmarks = load_landmarks(moving_file, case)
+    flagged = {n: s for n, s in landmark_statuses(moving_file, case).items() if s != "ok" and n in moving_landmarks}
+    if flagged and not allow_flagged:
+        raise AlignmentError(f"{moving_file}" + (f", case {case}" if case else "") + ": landmark(s) without a credible "
+                             "estimate: " + "; ".join(f"{n}: {s}" for n, s in flagged.items())
+                             + ". Check that case (its segmentation and image); --allow-flagged aligns with them "
+                               "anyway")
     fixed_landmarks = load_landmarks(fixed_file, fixed_case if fixed_case is not None else _same_case(fixed_file, case))
     names, moving, fixed = common_landmarks(moving_landmarks, fixed_landmarks, f"{moving_file} (moving)",
                                             f"{fixed_file} (fixed)")
@@ -392,7 +266,7 @@ def align(moving_file: str | os.PathLike, fixed_file: str | os.PathLike, output_
     if surface is not None:
         try:
             surface_mesh = label_surface(seg_image, label)
-        except AlignmentError as e:
+        except SurfaceError as e:
             raise AlignmentError(f"{segmentation}: {e}") from None
 
     output_transform.parent.mkdir(parents=True, exist_ok=True)
@@ -440,7 +314,7 @@ def align(moving_file: str | os.PathLike, fixed_file: str | os.PathLike, output_
                              "volume_mm3": mesh_volume(vertices_fixed, faces)}
 
     report_file = output_transform.with_suffix(".json")
-    report_file.write_text(json.dumps(report, indent=2) + "\n")
+    atomic_write_json(report, report_file)
     report["report_file"] = str(report_file)
     return report
 
@@ -511,10 +385,13 @@ def main(argv: Sequence[str] | None = None) -> None:
                         help="write the surface of --label of the segmentation, moved into the fixed space, as .vtk, "
                              ".stl, .ply or .obj (LPS mm)")
     parser.add_argument("--label", type=int, default=1, help="label of the surface (default 1, the LV cavity)")
+    parser.add_argument("--allow-flagged", "--allow_flagged", dest="allow_flagged", action="store_true",
+                        help="align even with landmarks nnUNetv2_predict flagged as not credible (their status is "
+                             "not 'ok'); by default such a case is refused, naming the landmark and the reason")
     args = parser.parse_args(argv)
     try:
         report = align(args.moving, args.fixed, args.o, args.scale, args.case, args.fixed_case, args.segmentation,
-                       args.fixed_image, args.segmentation_output, args.surface, args.label)
+                       args.fixed_image, args.segmentation_output, args.surface, args.label, args.allow_flagged)
     except (AlignmentError, LandmarkFileError, FileNotFoundError) as e:
         parser.exit(1, f"{parser.prog}: error: {e}\n")
     print(format_report(report))

@@ -25,8 +25,8 @@ def fit_model_priors(model_folder: str, folds: list[str]) -> dict:
 
     from nnunet_landmark.landmark_heads import LandmarkHeads, landmark_names_from_dataset_json, record_position_prior
     from nnunet_landmark.layout import LANDMARK_TABLE, SPLITS_FILE
-    from nnunet_landmark.training.landmark_targets import (fit_position_prior, heatmap_extremum_errors,
-                                                           load_world_landmarks)
+    from nnunet_landmark.training.landmark_targets import (fit_position_prior, load_world_landmarks,
+                                                           validation_measurements)
 
     plans_file = join(model_folder, "plans.json")
     if not isfile(plans_file):
@@ -55,10 +55,11 @@ def fit_model_priors(model_folder: str, folds: list[str]) -> dict:
         world = load_world_landmarks(plans_manager.dataset_name, base, names, cases, write_cache=False)
         prior = fit_position_prior(data_folder, cases, world, plans_manager, configuration_manager, names)
         table = join(model_folder, f"fold_{fold}", "validation", LANDMARK_TABLE)
-        if prior is not None and fold != "all" and isfile(table):  # the heatmap's validated error, as the trainer
+        if prior is not None and fold != "all" and isfile(table):  # what the validation measured, as the trainer
             val = splits[int(fold)]["val"]
             val_world = load_world_landmarks(plans_manager.dataset_name, base, names, val, write_cache=False)
-            prior = prior.with_heatmap_errors(heatmap_extremum_errors(table, val_world, names, val))
+            measured = validation_measurements(table, val_world, names, val)
+            prior = prior.with_validation(measured["heatmap"], measured["prior"], measured["claims"])
         record_position_prior(plans_file, f"fold_{fold}", prior)
         fitted[f"fold_{fold}"] = prior
     return fitted

@@ -5,11 +5,15 @@ and is what ``nnunet_integration`` installs in its place. For a landmark model i
 segmentation with nnU-Net's own function from the C segmentation channels (so the file is exactly what
 plain nnU-Net writes) and then, from the K heatmap channels:
 
-* ``CASE.mrk.json``: 3D Slicer markups, LPS mm, one control point per landmark, labelled by name,
-  with the confidence in the description;
+* ``CASE.mrk.json``: 3D Slicer markups, LPS mm, one control point per landmark, labelled by name, its status,
+  expected error and estimator in the description; a landmark without a credible estimate has ``positionStatus``
+  ``undefined`` (``credibility``);
 * a row per landmark in the folder's ``landmarks.csv`` (``case,name,x,y,z,i,j,k,confidence,heatmap_x,heatmap_y,
-  heatmap_z,estimator``: world LPS mm, continuous ITK voxel index of the original image, confidence in [0, 1], the
-  heatmap's own extremum in world LPS mm, and how the position was estimated: ``prior+heatmap`` or ``heatmap``);
+  heatmap_z,estimator,prior_x,prior_y,prior_z,heatmap_claim_mm,expected_error_mm,status``: world LPS mm, continuous
+  ITK voxel index of the original image, confidence in [0, 1], the heatmap's own extremum in world LPS mm, how the
+  position was estimated (``prior+heatmap``, ``prior`` where the heatmap found nothing, or ``heatmap``), the position
+  prior alone (empty without one), the distance the heatmap claims at its extremum, the expected error (mm) and
+  ``ok`` or why the landmark is not credible);
 * with ``save_probabilities``: ``heatmaps/CASE_NAME.nii.gz``, each heatmap on the original image grid
   (float32 values in [0, 1], rounded to float16 precision).
 
@@ -24,6 +28,7 @@ from __future__ import annotations
 
 import csv
 import os
+import sys
 from collections import OrderedDict
 from typing import Union
 
@@ -34,17 +39,18 @@ from batchgenerators.utilities.file_and_folder_operations import load_json
 from nnunetv2.inference import export_prediction as nnunet_export
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 
-from nnunet_landmark import nnunet_integration
+from nnunet_landmark import credibility, nnunet_integration
 from nnunet_landmark.geometry import CaseGeometry
-from nnunet_landmark.heatmap import decode_heatmap
+from nnunet_landmark.heatmap_decoding import decode_heatmap
 from nnunet_landmark.landmark_files import format_landmark_rows, write_markups
 from nnunet_landmark.landmark_heads import LandmarkHeads
-from nnunet_landmark.layout import HEATMAP_FOLDER, LANDMARK_TABLE, locked_folder
-from nnunet_landmark.position_prior import (SURFACE_MARGIN_MM, affine_of, combine_with_heatmap, pooled_heatmap_error,
-                                            pooled_prediction, sampling_stride, signed_distance, structure_mask,
-                                            structure_moments)
+from nnunet_landmark.layout import HEATMAP_FOLDER, LANDMARK_TABLE, atomic_write_text, locked_folder
+from nnunet_landmark.position_prior import (PRIOR_FLOOR_MM, SURFACE_MARGIN_MM, affine_of, combine_with_heatmap,
+                                            pooled_heatmap_error, pooled_prediction, pooled_surface_bands,
+                                            sampling_stride, signed_distance, structure_mask, structure_moments)
 
-TABLE_EXTRA_COLUMNS = ("i", "j", "k", "confidence", "heatmap_x", "heatmap_y", "heatmap_z", "estimator")
+TABLE_EXTRA_COLUMNS = ("i", "j", "k", "confidence", "heatmap_x", "heatmap_y", "heatmap_z", "estimator", "prior_x",
+                       "prior_y", "prior_z", "heatmap_claim_mm", "expected_error_mm", "status")
 
 # the function nnU-Net exports segmentations with, captured before nnunet_integration replaces the names
 # that point to it
@@ -129,16 +135,20 @@ def reliable_sliding_window_region(shape, patch_size, step_size: float = 0.5, mi
 def decode_landmarks(heatmap_logits: Union[np.ndarray, torch.Tensor], properties: dict, plans_manager: PlansManager,
                      configuration_manager: ConfigurationManager, heads: LandmarkHeads, case: str = "case",
                      refine: bool = True, segmentation_logits: Union[np.ndarray, torch.Tensor, None] = None,
-                     label_manager=None) -> "OrderedDict[str, dict]":
+                     label_manager=None, label_names: dict | None = None) -> "OrderedDict[str, dict]":
     """{name: {"world": LPS mm, "index": ITK continuous index, "confidence": float, "heatmap_world": LPS mm,
-    "estimator": str}} from (K, ...) heatmap logits in preprocessed space (as the sliding window returns them).
+    "estimator": str, "prior_world": LPS mm or None, "heatmap_claim_mm", "expected_error_mm": float,
+    "status": str, "status_detail": str}} from (K, ...) heatmap logits in preprocessed space (as the sliding window
+    returns them).
 
     ``heatmap_world`` is the heatmap's own extremum (sub-voxel refined). Only voxels the predictor's sliding window
     (its step size, recorded by ``nnunet_integration``) averaged reliably are searched. With the model's position
     priors (``heads.position_priors``) and the (C, ...) ``segmentation_logits``, ``world`` combines the prior, placed in
     the frame of the predicted segmentation, with the heatmap (``position_prior.combine_with_heatmap``; estimator
     ``"prior+heatmap"``), which weighs as much as its extremum's error on the folds' validation cases allows where the
-    trainer measured it; otherwise it is the heatmap extremum (estimator ``"heatmap"``). No full-volume temporaries.
+    trainer measured it; where the heatmap found nothing it is the prior alone (``"prior"``); without a prior, the
+    heatmap extremum (``"heatmap"``). ``status`` and ``expected_error_mm``: ``credibility`` (``label_names``,
+    label -> name, make its reasons readable). No full-volume temporaries.
     """
     if isinstance(heatmap_logits, torch.Tensor):
         heatmap_logits = heatmap_logits.detach().cpu().numpy()
@@ -146,8 +156,9 @@ def decode_landmarks(heatmap_logits: Union[np.ndarray, torch.Tensor], properties
     step_size, use_gaussian = nnunet_integration.sliding_window_settings(configuration_manager)
     valid = SlidingWindowRegion(heatmap_logits.shape[1:], configuration_manager.patch_size, step_size, use_gaussian)
     affine = affine_of(geometry.preprocessed_to_world)
-    moments = None
-    if heads.position_priors and segmentation_logits is not None:
+    priors = heads.position_priors
+    moments, segmentation = None, credibility.Verdict(credibility.OK)
+    if priors and segmentation_logits is not None:
         if isinstance(segmentation_logits, torch.Tensor):
             segmentation_logits = segmentation_logits.detach().cpu().numpy()
         if label_manager is not None and label_manager.has_regions:
@@ -158,60 +169,121 @@ def decode_landmarks(heatmap_logits: Union[np.ndarray, torch.Tensor], properties
                 return np.argmax(slab, axis=0)
         moments = structure_moments(segmentation_logits, affine, to_labels=to_labels,
                                     stride=sampling_stride(segmentation_logits.shape[1:]))
+        segmentation = credibility.segmentation_verdict(moments, credibility.pooled_volume_ranges(priors),
+                                                        label_names)
     out: "OrderedDict[str, dict]" = OrderedDict()
     for name, logits in zip(heads.names, heatmap_logits):
         decoded = decode_heatmap(logits, heads.encoding, geometry.preprocessed_spacing, refine=refine,
                                  name=f"{case}/{name}", already_sigmoid=False, valid=valid)
         position, estimator = decoded.position, "heatmap"
         heatmap_world = geometry.preprocessed_to_world(decoded.position)
-        prediction = pooled_prediction(heads.position_priors, name, moments) if moments is not None else None
+        claim = float(heads.encoding.decode_distance(decoded.value))
+        learned = [p.landmarks[name] for p in priors if name in p.landmarks]
+        flat = credibility.heatmap_is_flat(claim, [p.heatmap_claim_mm for p in learned], heads.encoding.support_mm)
+        heatmap_rms = pooled_heatmap_error(priors, name)
+        # the prior's error on predicted segmentations (its validation), else on the training references
+        prior_rms = _pooled_rms([p.loo_rms_mm if p.prior_error_mm is None else p.prior_error_mm for p in learned])
+        prediction = pooled_prediction(priors, name, moments) if moments is not None else None
+        prior_world, verdict = None, segmentation
         if prediction is not None:
-            surface = _surface_factor(heads.position_priors, name, segmentation_logits, to_labels,
-                                      geometry.preprocessed_spacing)
-            error_mm = pooled_heatmap_error(heads.position_priors, name)
-            point = None if error_mm is None else (heatmap_world, error_mm)
-            combined = combine_with_heatmap(logits, heads.encoding, valid, affine, *prediction, surface=surface,
-                                            heatmap_point=point)
+            surface = _surface_factors(priors, name, segmentation_logits, to_labels, geometry.preprocessed_spacing)
+            alone = combine_with_heatmap(logits, heads.encoding, valid, affine, *prediction, surface=surface,
+                                         heatmap_point=(heatmap_world, 1e9))
+            if alone is not None:
+                prior_world = geometry.preprocessed_to_world(alone)
+                if prior_rms is None:  # not validated: the prior's own spread (+ its floor)
+                    prior_rms = float(np.sqrt(np.trace(prediction[1]) + 3 * PRIOR_FLOOR_MM ** 2))
+            if flat:  # the heatmap found nothing: its extremum is a random point
+                combined, estimator_name = alone, "prior"
+            else:
+                point = None if heatmap_rms is None else (heatmap_world, heatmap_rms)
+                combined, estimator_name = combine_with_heatmap(logits, heads.encoding, valid, affine, *prediction,
+                                                                surface=surface, heatmap_point=point), "prior+heatmap"
             if combined is not None:
-                position, estimator = combined, "prior+heatmap"
-        out[name] = {"world": geometry.preprocessed_to_world(position),
+                position, estimator = combined, estimator_name
+                if surface and verdict.ok:
+                    measured = [(_boundary_distance(distances_of, position), m, sd)
+                                for distances_of, m, sd, _ in surface]
+                    if credibility.outside_anatomy(measured):
+                        verdict = credibility.Verdict(credibility.OUTSIDE_ANATOMY, "; ".join(
+                            f"{d:.1f} mm from its structure's boundary, training cases {m:.1f} +- {sd:.1f}"
+                            for d, m, sd in measured))
+        elif priors and verdict.ok:
+            verdict = credibility.Verdict(credibility.STRUCTURE_MISSING, "the structure that places it is not "
+                                                                         "segmented")
+        if estimator == "heatmap" and flat and verdict.ok:
+            verdict = credibility.Verdict(credibility.HEATMAP_FLAT, f"the heatmap claims {claim:.1f} mm at its "
+                                                                    f"extremum")
+        world = geometry.preprocessed_to_world(position)
+        expected = credibility.expected_error(None if estimator == "heatmap" else prior_rms,
+                                              None if estimator == "prior" else heatmap_rms)
+        out[name] = {"world": world,
                      "index": geometry.preprocessed_to_image_index(position),
                      "confidence": decoded.confidence,
                      "heatmap_world": heatmap_world,
-                     "estimator": estimator}
+                     "estimator": estimator,
+                     "prior_world": prior_world,
+                     "heatmap_claim_mm": claim,
+                     "expected_error_mm": expected,
+                     "status": verdict.status,
+                     "status_detail": verdict.detail}
     return out
 
 
-def _surface_factor(priors, name: str, segmentation_logits, to_labels, spacing, margin_mm: float = SURFACE_MARGIN_MM):
-    """(distances(box), mean, SD) for ``combine_with_heatmap`` from the priors' learned distance of ``name`` from its
-    structure's boundary (averaged over folds), or None where no prior learned one."""
-    learned = [p.landmarks[name] for p in priors if name in p.landmarks and p.landmarks[name].surface_mean is not None]
-    if not learned:
-        return None
-    structure = learned[0].structure
-    learned = [p for p in learned if p.structure == structure]
+def _pooled_rms(values) -> float | None:
+    known = [v for v in values if v is not None]
+    return float(np.sqrt(np.mean(np.square(known)))) if known else None
+
+
+def _boundary_distance(distances_of, position: np.ndarray) -> float:
+    """The signed distance (mm) of a preprocessed position from a structure's boundary (``distances_of`` of a surface
+    factor), linearly interpolated; NaN where no boundary is in reach."""
+    from scipy import ndimage
+
+    lo = np.floor(position).astype(int)
+    box = tuple(slice(int(a), int(a) + 2) for a in lo)
+    values = np.asarray(distances_of(box), dtype=np.float64)
+    if values.shape != (2, 2, 2) or not np.all(np.isfinite(values)):
+        return float("nan")
+    return float(ndimage.map_coordinates(values, (position - lo)[:, None], order=1, mode="nearest")[0])
+
+
+def _surface_factors(priors, name: str, segmentation_logits, to_labels, spacing,
+                     margin_mm: float = SURFACE_MARGIN_MM) -> list:
+    """[(distances(box), mean, SD, weight)] for ``combine_with_heatmap``: the priors' learned distance of ``name`` from
+    its structure's boundary, one factor per structure the folds chose (``pooled_surface_bands``); empty where no
+    prior learned one."""
     shape = np.asarray(segmentation_logits.shape[1:])
     half = np.ceil(margin_mm / np.asarray(spacing)).astype(int)
 
-    def distances_of(box: tuple) -> np.ndarray:
-        lo = np.maximum([b.start - h for b, h in zip(box, half)], 0)
-        hi = np.minimum([b.stop + h for b, h in zip(box, half)], shape)
-        labels = to_labels(segmentation_logits[(slice(None), *[slice(int(a), int(b)) for a, b in zip(lo, hi)])])
-        distance = signed_distance(structure_mask(np.asarray(labels), structure), spacing)
-        return distance[tuple(slice(b.start - int(a), b.stop - int(a)) for b, a in zip(box, lo))]
+    def distances_for(structure: int):
+        def distances_of(box: tuple) -> np.ndarray:
+            lo = np.maximum([b.start - h for b, h in zip(box, half)], 0)
+            hi = np.minimum([b.stop + h for b, h in zip(box, half)], shape)
+            labels = to_labels(segmentation_logits[(slice(None), *[slice(int(a), int(b)) for a, b in zip(lo, hi)])])
+            distance = signed_distance(structure_mask(np.asarray(labels), structure), spacing)
+            return distance[tuple(slice(b.start - int(a), b.stop - int(a)) for b, a in zip(box, lo))]
+        return distances_of
 
-    return (distances_of, float(np.mean([p.surface_mean for p in learned])),
-            float(np.mean([p.surface_sd for p in learned])))
+    return [(distances_for(structure), mean, sd, weight)
+            for structure, mean, sd, weight in pooled_surface_bands(priors, name)]
 
 
 def update_landmark_table(folder: str, case: str, landmarks: "OrderedDict[str, dict]") -> None:
     """Replace ``case``'s rows of ``folder/landmarks.csv`` (creating it), keeping other cases' rows."""
     path = os.path.join(folder, LANDMARK_TABLE)
+    def prior(v: dict) -> dict:
+        return {f"prior_{axis}": float(c) if v.get("prior_world") is not None else ""
+                for axis, c in zip("xyz", v.get("prior_world") if v.get("prior_world") is not None else [0.0] * 3)}
+
     new_rows = [{"case": case, "name": name, "x": float(v["world"][0]), "y": float(v["world"][1]),
                  "z": float(v["world"][2]), "i": float(v["index"][0]), "j": float(v["index"][1]),
                  "k": float(v["index"][2]), "confidence": float(v["confidence"]),
                  **{f"heatmap_{axis}": float(c) for axis, c in zip("xyz", v.get("heatmap_world", v["world"]))},
-                 "estimator": v.get("estimator", "heatmap")} for name, v in landmarks.items()]
+                 "estimator": v.get("estimator", "heatmap"), **prior(v),
+                 "heatmap_claim_mm": float(v.get("heatmap_claim_mm", float("nan"))),
+                 "expected_error_mm": float(v.get("expected_error_mm", float("nan"))),
+                 "status": v.get("status", "ok")} for name, v in landmarks.items()]
     with locked_folder(folder):
         rows = []
         if os.path.isfile(path):
@@ -219,10 +291,7 @@ def update_landmark_table(folder: str, case: str, landmarks: "OrderedDict[str, d
                 rows = [r for r in csv.DictReader(f) if r["case"] != case]
         rows.extend(new_rows)
         rows.sort(key=lambda r: r["case"])
-        tmp = f"{path}.tmp{os.getpid()}"
-        with open(tmp, "w") as f:
-            f.write(format_landmark_rows(rows, TABLE_EXTRA_COLUMNS))
-        os.replace(tmp, path)
+        atomic_write_text(path, format_landmark_rows(rows, TABLE_EXTRA_COLUMNS))
 
 
 def write_heatmaps_on_image_grid(heatmap_logits: np.ndarray, properties: dict, plans_manager: PlansManager,
@@ -270,17 +339,26 @@ def write_heatmaps_on_image_grid(heatmap_logits: np.ndarray, properties: dict, p
 
 def export_landmarks(heatmap_logits, properties: dict, plans_manager: PlansManager,
                      configuration_manager: ConfigurationManager, heads: LandmarkHeads, output_file_truncated: str,
-                     save_heatmaps: bool = False, segmentation_logits=None, label_manager=None
-                     ) -> "OrderedDict[str, dict]":
+                     save_heatmaps: bool = False, segmentation_logits=None, label_manager=None,
+                     label_names: dict | None = None) -> "OrderedDict[str, dict]":
     """Decode and write one case's landmarks (markups, the folder's table, optionally heatmaps)."""
     if isinstance(heatmap_logits, torch.Tensor):
         heatmap_logits = heatmap_logits.detach().cpu().numpy()
     case = os.path.basename(output_file_truncated)
     landmarks = decode_landmarks(heatmap_logits, properties, plans_manager, configuration_manager, heads, case,
-                                 segmentation_logits=segmentation_logits, label_manager=label_manager)
+                                 segmentation_logits=segmentation_logits, label_manager=label_manager,
+                                 label_names=label_names)
+    flagged = [n for n, v in landmarks.items() if v["status"] != credibility.OK]
+    for name in flagged:
+        print(f"nnunet-landmark: WARNING: {case}: landmark {name} is not credible ({landmarks[name]['status']}: "
+              f"{landmarks[name]['status_detail']}); it is written with positionStatus 'undefined' and status "
+              f"'{landmarks[name]['status']}', and nnUNetv2_landmark_align refuses it", file=sys.stderr, flush=True)
     write_markups(output_file_truncated + ".mrk.json", {n: v["world"] for n, v in landmarks.items()},
-                  {n: f"confidence={v['confidence']:.3f}; estimator={v['estimator']}; heatmap extremum (LPS mm)="
-                      + ",".join(f"{c:.2f}" for c in v["heatmap_world"]) for n, v in landmarks.items()})
+                  {n: f"status={v['status']}" + (f" ({v['status_detail']})" if v["status_detail"] else "")
+                      + f"; expected error {v['expected_error_mm']:.1f} mm; estimator={v['estimator']}; "
+                      f"confidence={v['confidence']:.3f}; heatmap extremum (LPS mm)="
+                      + ",".join(f"{c:.2f}" for c in v["heatmap_world"]) for n, v in landmarks.items()},
+                  undefined=flagged)
     update_landmark_table(os.path.dirname(os.path.abspath(output_file_truncated)), case, landmarks)
     if save_heatmaps:
         write_heatmaps_on_image_grid(heatmap_logits, properties, plans_manager, configuration_manager, heads,
@@ -309,9 +387,11 @@ def export_prediction_with_landmarks(predicted_array_or_file, properties_dict: d
         raise RuntimeError(f"{output_file_truncated}: prediction has {predicted_array_or_file.shape[0]} channels, "
                            f"the landmark model {heads.num_output_channels} ({c} segmentation + {heads.num_landmarks} "
                            f"heatmaps)")
+    label_names = {int(v): k for k, v in dataset_json_dict_or_file.get("labels", {}).items()
+                   if isinstance(v, int) and v > 0}
     export_landmarks(predicted_array_or_file[c:], properties_dict, plans_manager, configuration_manager, heads,
                      output_file_truncated, save_probabilities, segmentation_logits=predicted_array_or_file[:c],
-                     label_manager=plans_manager.get_label_manager(dataset_json_dict_or_file))
+                     label_manager=plans_manager.get_label_manager(dataset_json_dict_or_file), label_names=label_names)
     return export_segmentation_from_logits(predicted_array_or_file[:c], properties_dict, configuration_manager,
                                            plans_manager, dataset_json_dict_or_file, output_file_truncated,
                                            save_probabilities, **kwargs)

@@ -25,8 +25,6 @@ from scipy import ndimage
 from nnunet_landmark.geometry import ImageGeometry, lps_to_ras
 from nnunet_landmark.layout import MARKUPS_SUFFIX, atomic_write_text
 
-LandmarkSet = "OrderedDict[str, np.ndarray]"
-
 SLICER_SCHEMA = ("https://raw.githubusercontent.com/slicer/slicer/master/Modules/Loadable/Markups/Resources/"
                  "Schema/markups-schema-v1.0.3.json#")
 CSV_COLUMNS = ("case", "name", "x", "y", "z")
@@ -49,8 +47,12 @@ def _finite_point(path, name: str, values) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------------------------- Slicer markups
-def read_markups(path: str | os.PathLike) -> "OrderedDict[str, np.ndarray]":
-    """Read the control points of a 3D Slicer ``.mrk.json`` as LPS mm, keyed by their labels."""
+def read_markups(path: str | os.PathLike, flagged: bool = False) -> "OrderedDict[str, np.ndarray]":
+    """Read the control points of a 3D Slicer ``.mrk.json`` as LPS mm, keyed by their labels.
+
+    A point whose ``positionStatus`` is not ``defined`` is an error, unless ``flagged``: then its position is read
+    anyway (a landmark our export flagged as not credible keeps the estimate it has; ``markup_statuses`` says why).
+    """
     try:
         with open(path) as f:
             doc = json.load(f)
@@ -75,7 +77,7 @@ def read_markups(path: str | os.PathLike) -> "OrderedDict[str, np.ndarray]":
             raise LandmarkFileError(f"{path}: coordinate units {units!r} are not supported, only 'mm'")
         for i, cp in enumerate(markup.get("controlPoints", [])):
             name = str(cp.get("label") or cp.get("id") or f"point_{i}")
-            if cp.get("positionStatus", "defined") != "defined" or "position" not in cp:
+            if (cp.get("positionStatus", "defined") != "defined" and not flagged) or "position" not in cp:
                 raise LandmarkFileError(f"{path}: control point '{name}' has no defined position")
             p = _finite_point(path, name, cp["position"])
             if system == "RAS":
@@ -88,9 +90,23 @@ def read_markups(path: str | os.PathLike) -> "OrderedDict[str, np.ndarray]":
     return out
 
 
+def markup_statuses(path: str | os.PathLike) -> "OrderedDict[str, tuple[str, str]]":
+    """{label: (positionStatus, description)} of a 3D Slicer ``.mrk.json``'s control points."""
+    try:
+        with open(path) as f:
+            doc = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise LandmarkFileError(f"{path}: cannot read as Slicer markups JSON ({e})") from e
+    return OrderedDict((str(cp.get("label") or cp.get("id")), (cp.get("positionStatus", "defined"),
+                                                                cp.get("description", "")))
+                       for markup in doc.get("markups", []) for cp in markup.get("controlPoints", []))
+
+
 def write_markups(path: str | os.PathLike, landmarks: Mapping[str, Iterable[float]],
-                  descriptions: Mapping[str, str] | None = None) -> None:
-    """Write a 3D Slicer point list (LPS), one control point per landmark labelled with its name."""
+                  descriptions: Mapping[str, str] | None = None, undefined: Iterable[str] = ()) -> None:
+    """Write a 3D Slicer point list (LPS), one control point per landmark labelled with its name; the landmarks in
+    ``undefined`` (no credible estimate) keep their position but have ``positionStatus`` ``undefined``."""
+    undefined = set(undefined)
     points = []
     for i, (name, position) in enumerate(landmarks.items()):
         p = _finite_point(path, name, position)
@@ -104,7 +120,7 @@ def write_markups(path: str | os.PathLike, landmarks: Mapping[str, Iterable[floa
             "selected": True,
             "locked": False,
             "visibility": True,
-            "positionStatus": "defined",
+            "positionStatus": "undefined" if name in undefined else "defined",
         })
     doc = {
         "@schema": SLICER_SCHEMA,

@@ -14,10 +14,10 @@ models run nnU-Net's code unchanged:
    function and the landmarks from the other K.
 3. ``nnUNetTrainer.get_dataloaders`` constructs ``nnUNetDataLoader`` by name; ``data_loader_class``
    substitutes the landmark loader while a landmark trainer builds its loaders.
-4. Landmark keypoints through augmentation (``training.keypoint_transforms``) rely on batchgeneratorsv2's
-   SpatialTransform parameter dict (``SPATIAL_TRANSFORM_PARAMETERS``), its sampling conventions (affine grid
-   about the patch centre, grid_sample with align_corners=False; crop_tensor's ``floor(centre) - patch // 2``)
-   and MirrorTransform's ``axes``; ``check_internals`` verifies them numerically on a small index ramp.
+4. Landmark keypoints through augmentation rely on batchgeneratorsv2's SpatialTransform and MirrorTransform
+   conventions; ``training.keypoint_transforms.convention_problems`` verifies them numerically on a small index
+   ramp when a landmark loader first builds its pipeline (batchgeneratorsv2 is not nnU-Net: the seam does not
+   import the training code).
 5. The export cannot see the predictor's sliding window (``tile_step_size``, ``use_gaussian``), which decides
    where the float16 average is reliable. The predictor hands its own ``configuration_manager`` object to
    every export (pickled into the export workers), so the wrapped ``predict_sliding_window_return_logits``
@@ -27,7 +27,13 @@ models run nnU-Net's code unchanged:
 6. ``nnUNetTrainer.validation_step`` runs ``self.network(data)`` and ``self.loss(output, target)``; the landmark
    trainer computes both once on all C + K channels and hands nnU-Net's step the segmentation part
    (``precomputed_validation_outputs``).
-7. Mirroring: ``configure_rotation_dummyDA_mirroring_and_inital_patch_size`` returns the mirror axes last (the
+7. The predictor loads ``plans.json`` in ``initialize_from_trained_model_folder`` with every fold's position prior;
+   the wrapped method keeps only the priors of the folds it loaded (``-f``), so cross-validation predictions never
+   use a prior fitted on the cases they predict.
+8. ``nnUNetTrainer.on_train_start`` rewrites ``plans.json`` from its in-memory plans (``save_json``, no lock);
+   ``plans_json_writes`` routes that write through ``landmark_heads.write_plans_keeping_priors`` while a landmark
+   fold starts, so it cannot drop a prior another fold recorded meanwhile.
+9. Mirroring: ``configure_rotation_dummyDA_mirroring_and_inital_patch_size`` returns the mirror axes last (the
    training augmentation) and sets ``inference_allowed_mirroring_axes`` (test-time mirroring of the final
    validation's predictor); the CPU budgets turn them off there (``without_validation_mirroring``).
 
@@ -141,6 +147,25 @@ def _wrap_sliding_window(original: Callable) -> Callable:
     return predict_sliding_window_return_logits
 
 
+def _wrap_initialize(original: Callable) -> Callable:
+    @functools.wraps(original)
+    def initialize_from_trained_model_folder(self, model_training_output_dir, use_folds,
+                                             checkpoint_name: str = 'checkpoint_final.pth'):
+        from nnunet_landmark.landmark_heads import select_position_priors
+
+        original(self, model_training_output_dir, use_folds, checkpoint_name)
+        if use_folds is None:  # nnU-Net's default: every fold with the checkpoint
+            use_folds = self.auto_detect_available_folds(model_training_output_dir, checkpoint_name)
+        missing = select_position_priors(self.plans_manager.plans, use_folds)
+        if missing and len(missing) < len([use_folds] if isinstance(use_folds, (str, int)) else use_folds):
+            warnings.warn(f"{model_training_output_dir}: {', '.join(missing)} recorded no landmark position prior; "
+                          f"the landmarks pool the other folds' priors (nnUNetv2_landmark_fit_prior fits them)",
+                          RuntimeWarning, stacklevel=2)
+
+    initialize_from_trained_model_folder._nnunet_landmark = True
+    return initialize_from_trained_model_folder
+
+
 def check_internals() -> None:
     """Raise if the nnU-Net internals this module adapts are not as in nnunetv2 2.8.1."""
     from nnunetv2.inference import export_prediction, predict_from_raw_data
@@ -156,6 +181,13 @@ def check_internals() -> None:
     predictor = predict_from_raw_data.nnUNetPredictor
     if not hasattr(predictor, "predict_sliding_window_return_logits"):
         problems.append("nnUNetPredictor.predict_sliding_window_return_logits is gone")
+    initialize = getattr(predictor.initialize_from_trained_model_folder, "__wrapped__",
+                         predictor.initialize_from_trained_model_folder)
+    if list(inspect.signature(initialize).parameters) != ["self", "model_training_output_dir", "use_folds",
+                                                          "checkpoint_name"] or \
+            "self.plans_manager = plans_manager" not in inspect.getsource(initialize):
+        problems.append("nnUNetPredictor.initialize_from_trained_model_folder changed (the landmark priors follow "
+                        "its use_folds and self.plans_manager)")
     source = inspect.getsource(predictor._internal_predict_sliding_window_return_logits)
     if "self.label_manager.num_segmentation_heads" not in source:
         problems.append("nnUNetPredictor no longer sizes its logits by self.label_manager.num_segmentation_heads")
@@ -175,6 +207,8 @@ def check_internals() -> None:
     if list(inspect.signature(sliding_window_prediction.compute_steps_for_sliding_window).parameters) != \
             ["image_size", "tile_size", "tile_step_size"]:
         problems.append("compute_steps_for_sliding_window's parameters changed")
+    if not hasattr(trainer_module, "save_json"):
+        problems.append("nnunetv2's trainer module no longer imports save_json (plans.json is written with it)")
     if not hasattr(trainer_module, "nnUNetDataLoader") or \
             "nnUNetDataLoader(" not in inspect.getsource(trainer_module.nnUNetTrainer.get_dataloaders):
         problems.append("nnUNetTrainer.get_dataloaders no longer constructs nnUNetDataLoader by name")
@@ -190,13 +224,14 @@ def check_internals() -> None:
             "self.inference_allowed_mirroring_axes = mirror_axes",
             "return rotation_for_DA, do_dummy_2d_data_aug, initial_patch_size, mirror_axes"),
         "perform_actual_validation": ("self.inference_allowed_mirroring_axes",),
+        "on_train_start": ("save_json(self.plans_manager.plans, join(self.output_folder_base, 'plans.json')",),
     }
     for method, needles in trainer_sources.items():
         source = inspect.getsource(getattr(trainer_module.nnUNetTrainer, method))
         for needle in needles:
             if needle not in source:
                 problems.append(f"nnUNetTrainer.{method} no longer contains {needle!r}")
-    problems += _keypoint_convention_problems()
+    problems += _small_reach_problems()
     if problems:
         raise RuntimeError("nnunet-landmark was checked against nnunetv2 " + NNUNET_VERSION_CHECKED +
                            " and these internals it adapts have changed:\n  " + "\n  ".join(problems) +
@@ -204,53 +239,30 @@ def check_internals() -> None:
                            "nnunet_integration.py.")
 
 
-SPATIAL_TRANSFORM_PARAMETERS = {"center_location_in_pixels", "grid", "affine", "elastic_offsets"}
+def _small_reach_problems() -> list[str]:
+    """The logger's keys and swap, ``_do_i_compile``, the planner's resampling methods, the properties' keys."""
+    from nnunetv2.experiment_planning.experiment_planners.default_experiment_planner import ExperimentPlanner
+    from nnunetv2.preprocessing.preprocessors.default_preprocessor import DefaultPreprocessor
+    from nnunetv2.training.logging.nnunet_logger import LocalLogger, MetaLogger
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
-
-def _keypoint_convention_problems() -> list[str]:
-    """Every voxel of an index ramp holds its own index: after SpatialTransform (affine and crop-only paths) and
-    MirrorTransform, mapping the sampled indices as keypoints must give back the output voxels that hold them."""
-    import numpy as np
-    import torch
-    from batchgeneratorsv2.transforms.spatial.mirroring import MirrorTransform
-    from batchgeneratorsv2.transforms.spatial.spatial import SpatialTransform
-
-    from nnunet_landmark.training.keypoint_transforms import (LandmarkKeypoints, LandmarkMirrorTransform,
-                                                              LandmarkSpatialTransform)
-
-    shape, patch = (13, 12, 11), (7, 6, 5)
-    ramp = torch.from_numpy(np.stack(np.meshgrid(*[np.arange(n, dtype=np.float32) for n in shape], indexing="ij")))
-    inner = np.array([[3, 2, 2], [3, 3, 2], [2, 3, 3], [4, 2, 1]])  # output voxels that sample inside the ramp
     problems = []
-    state = np.random.get_state()  # the check must not change the caller's random draws
-    with torch.no_grad():
-        try:
-            np.random.seed(0)
-            for p_affine in (1, 0):
-                stock = SpatialTransform(patch, 0, False, p_rotation=p_affine, rotation=(0.2, 0.4), p_scaling=p_affine,
-                                         scaling=(1.1, 1.1))
-                params = stock.get_parameters(image=ramp)
-                if set(params) != SPATIAL_TRANSFORM_PARAMETERS:
-                    problems.append(f"SpatialTransform.get_parameters returns {sorted(params)}, expected "
-                                    f"{sorted(SPATIAL_TRANSFORM_PARAMETERS)}")
-                    break
-                sampled = stock._apply_to_image(ramp, **params).numpy()
-                sources = sampled[(slice(None), *inner.T)].T
-                mapped = LandmarkSpatialTransform.from_transform(stock)._apply_to_keypoints(
-                    LandmarkKeypoints.in_crop(sources), **params).positions
-                if not np.allclose(mapped, inner, atol=1e-3):
-                    problems.append(f"SpatialTransform ({'affine grid' if p_affine else 'crop only'}) no longer samples "
-                                    f"where nnunet-landmark maps landmarks: {mapped.tolist()} vs {inner.tolist()}")
-            mirror = MirrorTransform((0, 1, 2))
-            params = {"axes": [0, 2]}
-            flipped = mirror._apply_to_image(ramp, **params).numpy()
-            sources = flipped[(slice(None), *inner.T)].T
-            mapped = LandmarkMirrorTransform.from_transform(mirror)._apply_to_keypoints(
-                LandmarkKeypoints.in_crop(sources), **params, spatial_shape=shape).positions
-            if not np.allclose(mapped, inner):
-                problems.append("MirrorTransform no longer flips the way nnunet-landmark mirrors landmarks")
-        finally:
-            np.random.set_state(state)
+    keys = set(getattr(LocalLogger(), "my_fantastic_logging", {}))
+    if not set(NNUNET_LOG_KEYS) <= keys:
+        problems.append(f"nnU-Net's LocalLogger.my_fantastic_logging lacks {sorted(set(NNUNET_LOG_KEYS) - keys)}")
+    if "self.local_logger = LocalLogger(verbose)" not in inspect.getsource(MetaLogger.__init__):
+        problems.append("MetaLogger no longer keeps a LocalLogger as self.local_logger")
+    if not callable(getattr(nnUNetTrainer, "_do_i_compile", None)):
+        problems.append("nnUNetTrainer._do_i_compile is gone")
+    for method in ("determine_resampling", "determine_segmentation_softmax_export_fn"):
+        source = inspect.getsource(getattr(ExperimentPlanner, method))
+        if "self." in source.split(":", 1)[1]:
+            problems.append(f"ExperimentPlanner.{method} now uses the planner's state (default_resampling calls it "
+                            f"without one)")
+    preprocessing = inspect.getsource(DefaultPreprocessor.run_case_npy)
+    for key in PROPERTIES_KEYS[2:]:
+        if f"'{key}'" not in preprocessing:
+            problems.append(f"DefaultPreprocessor.run_case_npy no longer records properties['{key}']")
     return problems
 
 
@@ -273,9 +285,58 @@ def install(export_function: Callable) -> None:
     if not getattr(predictor.predict_sliding_window_return_logits, "_nnunet_landmark", False):
         predictor.predict_sliding_window_return_logits = _wrap_sliding_window(
             predictor.predict_sliding_window_return_logits)
+    if not getattr(predictor.initialize_from_trained_model_folder, "_nnunet_landmark", False):
+        predictor.initialize_from_trained_model_folder = _wrap_initialize(
+            predictor.initialize_from_trained_model_folder)
     predict_from_raw_data.export_prediction_from_logits = export_function
     trainer_module.export_prediction_from_logits = export_function
     _installed = True
+
+
+# ------------------------------------------------------------------------------ small reaches, each checked above
+NNUNET_LOG_KEYS = ("mean_fg_dice", "ema_fg_dice", "train_losses", "val_losses", "lrs", "epoch_start_timestamps",
+                   "epoch_end_timestamps")
+PROPERTIES_KEYS = ("sitk_stuff", "spacing", "bbox_used_for_cropping", "shape_after_cropping_and_before_resampling",
+                   "shape_before_cropping")
+
+
+def logged_values(local_logger) -> dict:
+    """The per-epoch lists of nnU-Net's ``LocalLogger`` (its ``my_fantastic_logging``; ``NNUNET_LOG_KEYS`` and ours)."""
+    return local_logger.my_fantastic_logging
+
+
+def use_local_logger(trainer, logger_class) -> None:
+    """Give ``trainer``'s ``MetaLogger`` a ``logger_class`` (a ``LocalLogger`` subclass) as its local logger."""
+    trainer.logger.local_logger = logger_class(trainer.logger.local_logger.verbose)
+
+
+def compiles(trainer) -> bool:
+    """Whether nnU-Net compiles this trainer's network (its private ``_do_i_compile``): the loss then compiles too."""
+    return bool(trainer._do_i_compile())
+
+
+def case_properties(properties: dict, keys=PROPERTIES_KEYS, source: str = "the case's properties") -> dict:
+    """The entries ``keys`` (of ``PROPERTIES_KEYS``) of a case's properties (nnU-Net's ``.pkl``, or what its
+    preprocessor returns), which say where its voxels are."""
+    missing = [k for k in keys if k not in properties]
+    if missing:
+        raise KeyError(f"{source} lack {missing}: not the properties nnunetv2 {NNUNET_VERSION_CHECKED}'s preprocessing "
+                       f"writes")
+    return {k: properties[k] for k in keys}
+
+
+def default_resampling() -> dict:
+    """The resampling entries of a configuration as nnU-Net's default planner writes them into plans.json (function
+    names and keyword arguments, for data, segmentations and probabilities), for plans built by hand."""
+    from nnunetv2.experiment_planning.experiment_planners.default_experiment_planner import ExperimentPlanner
+
+    # both methods ignore the planner's state (nnunetv2 2.8.1, checked in check_internals)
+    data, data_kwargs, seg, seg_kwargs = ExperimentPlanner.determine_resampling(None)
+    probabilities, probabilities_kwargs = ExperimentPlanner.determine_segmentation_softmax_export_fn(None)
+    return {"resampling_fn_data": data.__name__, "resampling_fn_data_kwargs": data_kwargs,
+            "resampling_fn_seg": seg.__name__, "resampling_fn_seg_kwargs": seg_kwargs,
+            "resampling_fn_probabilities": probabilities.__name__,
+            "resampling_fn_probabilities_kwargs": probabilities_kwargs}
 
 
 @contextmanager
@@ -289,6 +350,29 @@ def precomputed_validation_outputs(trainer, output, loss):
         yield
     finally:
         trainer.network, trainer.loss = network, loss_function
+
+
+@contextmanager
+def plans_json_writes(write: Callable[[dict, str], None]):
+    """While active, ``nnUNetTrainer.on_train_start``'s write of ``plans.json`` (its module's ``save_json``) goes
+    through ``write(plans, path)``; every other file it saves is saved by nnU-Net's function."""
+    import os
+
+    from nnunetv2.training.nnUNetTrainer import nnUNetTrainer as trainer_module
+
+    original = trainer_module.save_json
+
+    def save_json(obj, file, *args, **kwargs):
+        if os.path.basename(file) == "plans.json":
+            write(obj, file)
+        else:
+            original(obj, file, *args, **kwargs)
+
+    trainer_module.save_json = save_json
+    try:
+        yield
+    finally:
+        trainer_module.save_json = original
 
 
 @contextmanager

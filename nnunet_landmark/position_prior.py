@@ -24,13 +24,13 @@ and mapped to world mm through the affine of ``geometry.CaseGeometry``.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Callable, Mapping, Sequence
 
 import numpy as np
 from scipy import ndimage
 
-from nnunet_landmark.heatmap import _valid_at
+from nnunet_landmark.heatmap_decoding import valid_at
 from nnunet_landmark.label_landmarks import largest_component
 
 ALL_FOREGROUND = 0  # structure key: every foreground label together (0 is never a foreground label in nnU-Net)
@@ -54,11 +54,12 @@ MOMENT_SAMPLE_VOXELS = 1 << 23  # at prediction, moments come from at most ~8M v
 
 @dataclass(frozen=True)
 class Moments:
-    """Voxel count, centroid and covariance (world mm) of one structure."""
+    """Voxel count, centroid and covariance (world mm) of one structure, and its volume (ml)."""
 
     count: int
     mean: np.ndarray
     cov: np.ndarray
+    volume_ml: float = float("nan")
 
 
 def affine_of(to_world: Callable[[np.ndarray], np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
@@ -95,6 +96,7 @@ def structure_moments(labels, affine: tuple[np.ndarray, np.ndarray], slab_voxels
                       for i in range(3))
         structures.append((ALL_FOREGROUND, union))
     a, b = affine
+    voxel_ml = abs(float(np.linalg.det(a))) * stride ** 3 / 1000.0
     out = {}
     for key, box in structures:
         crop = volume[box]
@@ -103,7 +105,7 @@ def structure_moments(labels, affine: tuple[np.ndarray, np.ndarray], slab_voxels
             mask = largest_component(mask)
         n, mean, cov = _index_moments(mask, np.array([s.start for s in box], dtype=np.float64), slab_voxels)
         mean, cov = mean * stride, cov * stride * stride
-        out[key] = Moments(n, a @ mean + b, a @ cov @ a.T)
+        out[key] = Moments(n, a @ mean + b, a @ cov @ a.T, n * voxel_ml)
     return out
 
 
@@ -169,6 +171,9 @@ class LandmarkPrior:
     surface_mean: float | None = None  # signed distance (mm, > 0 outside) from the structure's boundary
     surface_sd: float | None = None
     heatmap_error_mm: float | None = None  # RMS error of the heatmap extremum on the fold's validation cases
+    prior_error_mm: float | None = None  # RMS error of the prior alone (on predicted segmentations) there
+    heatmap_claim_mm: float | None = None  # the largest distance the heatmap claimed at its extremum there
+    validation_cases: int | None = None  # how many validation cases measured the prior's error
 
     def predict(self, moments: Mapping[int, Moments]) -> tuple[np.ndarray, np.ndarray] | None:
         """(mean, covariance) in world mm, or None when the structure is absent."""
@@ -182,15 +187,17 @@ class LandmarkPrior:
         return {"structure": self.structure, "reference_axis": self.reference_axis.tolist(),
                 "roll_axis": self.roll_axis.tolist(), "mean": self.mean.tolist(), "cov": self.cov.tolist(),
                 "loo_rms_mm": self.loo_rms_mm, "cases": self.cases, "surface_mean": self.surface_mean,
-                "surface_sd": self.surface_sd, "heatmap_error_mm": self.heatmap_error_mm}
+                "surface_sd": self.surface_sd, "heatmap_error_mm": self.heatmap_error_mm,
+                "prior_error_mm": self.prior_error_mm, "heatmap_claim_mm": self.heatmap_claim_mm,
+                "validation_cases": self.validation_cases}
 
     @classmethod
     def from_dict(cls, d: dict) -> "LandmarkPrior":
         optional = [None if d.get(k) is None else float(d[k])
-                    for k in ("surface_mean", "surface_sd", "heatmap_error_mm")]
+                    for k in ("surface_mean", "surface_sd", "heatmap_error_mm", "prior_error_mm", "heatmap_claim_mm")]
         return cls(int(d["structure"]), np.asarray(d["reference_axis"], float), np.asarray(d["roll_axis"], float),
                    np.asarray(d["mean"], float), np.asarray(d["cov"], float), float(d["loo_rms_mm"]), int(d["cases"]),
-                   *optional)
+                   *optional, None if d.get("validation_cases") is None else int(d["validation_cases"]))
 
 
 def signed_distance(mask: np.ndarray, spacing: Sequence[float]) -> np.ndarray:
@@ -228,6 +235,9 @@ def _reference_axes(moments: Sequence[Moments]) -> tuple[np.ndarray, np.ndarray]
 @dataclass(frozen=True)
 class PositionPrior:
     landmarks: dict  # name -> LandmarkPrior
+    # structure -> (smallest, largest) volume (ml, largest piece) over the training references, for every structure
+    # that each of them holds: what a credible segmentation of a new case looks like (``credibility``)
+    structure_volumes_ml: dict = field(default_factory=dict)
 
     @classmethod
     def fit(cls, cases: Sequence[tuple[Mapping[int, Moments], np.ndarray]], names: Sequence[str],
@@ -239,6 +249,8 @@ class PositionPrior:
         if len(cases) < MIN_CASES:
             return None
         structures = sorted(set.intersection(*[set(k for k, m in c.items() if m.count >= 4) for c, _ in cases]))
+        volumes = {s: (float(min(c[s].volume_ml for c, _ in cases)), float(max(c[s].volume_ml for c, _ in cases)))
+                   for s in structures if s != ALL_FOREGROUND}
         landmarks = {}
         for k, name in enumerate(names):
             points = np.stack([np.asarray(p, dtype=np.float64)[k] for _, p in cases])
@@ -263,34 +275,71 @@ class PositionPrior:
                                    surface_sd=float(distances.std(ddof=1)))
             if best is not None:
                 landmarks[name] = best
-        return cls(landmarks) if landmarks else None
+        return cls(landmarks, volumes) if landmarks else None
 
-    def with_heatmap_errors(self, errors: Mapping[str, Sequence[float]]) -> "PositionPrior":
-        """This prior with each landmark's heatmap error (RMS mm) from the heatmap extremum's errors on validation
-        cases (``errors``: name -> errors in mm); a landmark with fewer than ``MIN_HEATMAP_CASES`` keeps none."""
+    def with_validation(self, heatmap_errors: Mapping[str, Sequence[float]],
+                        prior_errors: Mapping[str, Sequence[float]] | None = None,
+                        heatmap_claims: Mapping[str, Sequence[float]] | None = None) -> "PositionPrior":
+        """This prior with what the fold's validation cases measured per landmark (name -> values, mm): the heatmap
+        extremum's errors and the prior-alone errors (each kept as an RMS), and the distances the heatmap claimed at
+        its extremum (their largest); a landmark with fewer than ``MIN_HEATMAP_CASES`` values keeps none."""
+        def finite(values) -> np.ndarray:
+            return np.asarray([x for x in values if x is not None and np.isfinite(x)], dtype=np.float64)
+
+        def rms(values) -> float | None:
+            e = finite(values)
+            return float(np.sqrt(np.mean(e * e))) if len(e) >= MIN_HEATMAP_CASES else None
+
         landmarks = {}
         for name, prior in self.landmarks.items():
-            e = np.asarray([x for x in errors.get(name, []) if np.isfinite(x)], dtype=np.float64)
-            rms = float(np.sqrt(np.mean(e * e))) if len(e) >= MIN_HEATMAP_CASES else None
-            landmarks[name] = replace(prior, heatmap_error_mm=rms)
-        return PositionPrior(landmarks)
+            claims = finite((heatmap_claims or {}).get(name, []))
+            prior_values = finite((prior_errors or {}).get(name, []))
+            landmarks[name] = replace(prior, heatmap_error_mm=rms(heatmap_errors.get(name, [])),
+                                      prior_error_mm=rms(prior_values),
+                                      heatmap_claim_mm=float(claims.max()) if len(claims) >= MIN_HEATMAP_CASES
+                                      else None,
+                                      validation_cases=len(prior_values) if len(prior_values) >= MIN_HEATMAP_CASES
+                                      else None)
+        return PositionPrior(landmarks, self.structure_volumes_ml)
 
     def to_dict(self) -> dict:
-        return {name: p.to_dict() for name, p in self.landmarks.items()}
+        return {"landmarks": {name: p.to_dict() for name, p in self.landmarks.items()},
+                "structure_volumes_ml": {str(s): list(v) for s, v in self.structure_volumes_ml.items()}}
 
     @classmethod
     def from_dict(cls, d: dict) -> "PositionPrior":
-        return cls({name: LandmarkPrior.from_dict(p) for name, p in d.items()})
+        if "landmarks" not in d:  # written before structure volumes were recorded: {name: landmark prior}
+            return cls({name: LandmarkPrior.from_dict(p) for name, p in d.items()})
+        return cls({name: LandmarkPrior.from_dict(p) for name, p in d["landmarks"].items()},
+                   {int(s): (float(v[0]), float(v[1])) for s, v in d.get("structure_volumes_ml", {}).items()})
 
 
 def pooled_prediction(priors: Sequence[PositionPrior], name: str, moments: Mapping[int, Moments]
                       ) -> tuple[np.ndarray, np.ndarray] | None:
-    """The average (mean, covariance) of every prior (e.g. one per trained fold) for ``name``; None if none applies."""
+    """The folds' priors for ``name`` (e.g. one per fold of ``nnUNetv2_predict -f``) pooled as an equal mixture of
+    their world-space Gaussians, whichever structure each fold placed it in: the mean of the means, and the mean of
+    the covariances plus the spread of the means (folds that disagree widen the prior). None if none applies."""
     predictions = [p.landmarks[name].predict(moments) for p in priors if name in p.landmarks]
     predictions = [p for p in predictions if p is not None]
     if not predictions:
         return None
-    return np.mean([m for m, _ in predictions], axis=0), np.mean([c for _, c in predictions], axis=0)
+    means = np.stack([m for m, _ in predictions])
+    mean = means.mean(axis=0)
+    spread = (means - mean).T @ (means - mean) / len(means)
+    return mean, np.mean([c for _, c in predictions], axis=0) + spread
+
+
+def pooled_surface_bands(priors: Sequence[PositionPrior], name: str) -> list[tuple[int, float, float, float]]:
+    """[(structure, mean, SD, weight)]: the learned distance of ``name`` from a structure's boundary, one entry per
+    structure the folds chose (mean and SD averaged over the folds that chose it, weight = their share of the folds
+    that learned one)."""
+    learned = [p.landmarks[name] for p in priors if name in p.landmarks and p.landmarks[name].surface_mean is not None]
+    bands = []
+    for structure in sorted({p.structure for p in learned}):
+        group = [p for p in learned if p.structure == structure]
+        bands.append((structure, float(np.mean([p.surface_mean for p in group])),
+                      float(np.mean([p.surface_sd for p in group])), len(group) / len(learned)))
+    return bands
 
 
 def pooled_heatmap_error(priors: Sequence[PositionPrior], name: str) -> float | None:
@@ -302,16 +351,17 @@ def pooled_heatmap_error(priors: Sequence[PositionPrior], name: str) -> float | 
 
 def combine_with_heatmap(heatmap, encoding, valid, affine: tuple[np.ndarray, np.ndarray], prior_mean: np.ndarray,
                          prior_cov: np.ndarray, already_sigmoid: bool = False, tau_mm: float = HEATMAP_TAU_MM,
-                         extent_sd: float = 4.0, surface: tuple[Callable, float, float] | None = None,
+                         extent_sd: float = 4.0, surface: Sequence[tuple[Callable, float, float, float]] = (),
                          heatmap_point: tuple[np.ndarray, float] | None = None) -> np.ndarray | None:
     """Posterior mean (preprocessed voxel index) of prior x heatmap likelihood over the box that holds the prior's
     ``extent_sd`` ellipsoid; None when that box misses the image or holds no reliable voxel.
 
     ``heatmap``: (Z, Y, X) values or logits in preprocessed voxels; ``valid``: the reliable region (as for
-    ``heatmap.decode_heatmap``); ``affine``: preprocessed index -> world mm. ``surface``: (``distances(box)`` giving
-    the signed distance (mm) from the predicted structure's boundary over a box of slices, mean, SD): the landmark's
-    learned distance from that boundary enters as one more Gaussian factor, which keeps the estimate on the anatomy
-    where the frame of a differently shaped structure would carry it off. ``heatmap_point``: (the heatmap
+    ``heatmap.decode_heatmap``); ``affine``: preprocessed index -> world mm. ``surface``: [(``distances(box)`` giving
+    the signed distance (mm) from a predicted structure's boundary over a box of slices, mean, SD, weight)], one per
+    structure (``pooled_surface_bands``): the landmark's learned distance from that boundary enters as one more factor
+    (to the power ``weight``), which keeps the estimate on the anatomy where the frame of a differently shaped
+    structure would carry it off. ``heatmap_point``: (the heatmap
     extremum in world mm, its validated RMS error in mm): the heatmap enters as a Student-t (``HEATMAP_DOF``) of that
     width around its extremum instead of through ``tau_mm`` and its distance values, so it weighs what it proved on
     held-out cases.
@@ -331,7 +381,7 @@ def combine_with_heatmap(heatmap, encoding, valid, affine: tuple[np.ndarray, np.
     values = np.asarray(heatmap[box], dtype=np.float64)
     if not already_sigmoid:
         values = 1.0 / (1.0 + np.exp(-values))
-    keep = np.isfinite(values) if valid is None else np.isfinite(values) & _valid_at(valid, heatmap.shape, box)
+    keep = np.isfinite(values) if valid is None else np.isfinite(values) & valid_at(valid, heatmap.shape, box)
     if not keep.any():
         return None
     index = np.stack(np.meshgrid(*[np.arange(l, h, dtype=np.float64) for l, h in zip(lo, hi)], indexing="ij"), -1)
@@ -347,15 +397,14 @@ def combine_with_heatmap(heatmap, encoding, valid, affine: tuple[np.ndarray, np.
         cost = cost + (HEATMAP_DOF + 3) * np.log1p(r2 / HEATMAP_DOF)
     else:
         distance = encoding.decode_distance(values[keep])
-        if encoding.kind != "log_distance":  # a Gaussian heatmap says little far from its peak: its tail is flat
-            distance = np.minimum(distance, 3 * encoding.sigma_mm)
+        if encoding.kind != "log_distance":  # a peak heatmap says little far from its peak: its tail is flat
+            distance = np.minimum(distance, encoding.support_mm)
         cost = cost + (distance / tau_mm) ** 2
-    if surface is not None:
-        distances_of, surface_mean, surface_sd = surface
+    for distances_of, surface_mean, surface_sd, weight in surface:
         to_boundary = np.asarray(distances_of(box), dtype=np.float64)[keep]
         sd = max(surface_sd, PRIOR_FLOOR_MM)
         # a guard, not a second estimate: only a distance outside the training cases' band (mean +- 2 SD) costs
         excess = np.maximum(np.abs(to_boundary - surface_mean) - SURFACE_BAND_SD * sd, 0.0)
-        cost = cost + np.minimum((excess / sd) ** 2, 1e6)  # inf where no boundary is in view
+        cost = cost + weight * np.minimum((excess / sd) ** 2, 1e6)  # inf where no boundary is in view
     weights = np.exp(-0.5 * (cost - cost.min()))
     return (index * weights[:, None]).sum(axis=0) / weights.sum()

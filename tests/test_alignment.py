@@ -12,7 +12,7 @@ import pytest
 import SimpleITK as sitk
 from scipy.spatial.transform import Rotation
 
-from nnunet_landmark import alignment
+from nnunet_landmark import alignment, surfaces
 from nnunet_landmark.alignment import AlignmentError
 from nnunet_landmark.geometry import ImageGeometry, lps_to_ras
 from nnunet_landmark.landmark_files import LandmarkFileError, format_landmark_rows, write_landmark_csv, write_markups
@@ -182,7 +182,7 @@ def test_surface_vertices_lie_on_the_label_boundary_in_world_coordinates(grid):
     geometry = _grid(rotation, flip, (0.9, 1.1, 1.6), (56, 48, 40), (20, -10, 35))
     center, radius = np.array([23.0, -8.0, 31.0]), 19.0
     segmentation = _ellipsoid(geometry, center, np.eye(3), (radius,) * 3, label=3)
-    vertices, faces = alignment.label_surface(segmentation, label=3)
+    vertices, faces = surfaces.label_surface(segmentation, label=3)
 
     # each vertex sits half-way along a voxel edge whose two voxels are one inside, one outside the label
     index = geometry.world_to_array_index(vertices)
@@ -199,7 +199,7 @@ def test_surface_vertices_lie_on_the_label_boundary_in_world_coordinates(grid):
     distance = np.abs(np.linalg.norm(vertices - center, axis=1) - radius)
     assert distance.max() <= 0.5 * max(geometry.spacing) + 1e-6
     # closed, outward normals: the signed volume is the label's volume
-    assert alignment.mesh_volume(vertices, faces) == pytest.approx(mask.sum() * np.prod(geometry.spacing), rel=0.01)
+    assert surfaces.mesh_volume(vertices, faces) == pytest.approx(mask.sum() * np.prod(geometry.spacing), rel=0.01)
 
 
 @pytest.mark.parametrize("suffix", [".vtk", ".stl", ".ply", ".obj"])
@@ -207,24 +207,24 @@ def test_surface_files_read_back_in_lps_with_the_space_tag(tmp_path, suffix):
     geometry = _grid((10, -7, 15), (1, -1, 1), (1.0, 1.0, 1.2), (36, 36, 30), (0, 0, 0))
     segmentation = _ellipsoid(geometry, (2.0, -1.0, 1.0), Rotation.from_euler("z", 30, degrees=True).as_matrix(),
                               (14, 10, 8))
-    vertices, faces = alignment.label_surface(segmentation)
+    vertices, faces = surfaces.label_surface(segmentation)
     path = tmp_path / f"lv{suffix}"
-    alignment.write_surface(path, vertices, faces)
+    surfaces.write_surface(path, vertices, faces)
     assert b"SPACE=LPS" in path.read_bytes()[:200]
     mesh = meshio.read(path)
     triangles = mesh.cells_dict["triangle"]
     tolerance = 1e-4 if suffix == ".stl" else 1e-9  # binary STL stores float32
     assert np.max(np.abs(mesh.points[triangles] - vertices[faces])) < tolerance
-    assert alignment.mesh_volume(mesh.points, triangles) > 0
+    assert surfaces.mesh_volume(mesh.points, triangles) > 0
 
 
 def test_unknown_label_and_format_are_errors(tmp_path):
     geometry = _grid((0, 0, 0), (1, 1, 1), (1, 1, 1), (20, 20, 20), (0, 0, 0))
     segmentation = _ellipsoid(geometry, (0, 0, 0), np.eye(3), (5, 5, 5), label=2)
-    with pytest.raises(AlignmentError, match=r"label 1 is absent .*labels present: \[2\]"):
-        alignment.label_surface(segmentation, 1)
-    with pytest.raises(AlignmentError, match=r"lv\.vtp: unknown surface format"):
-        alignment.write_surface(tmp_path / "lv.vtp", np.zeros((3, 3)), np.array([[0, 1, 2]]))
+    with pytest.raises(surfaces.SurfaceError, match=r"label 1 is absent .*labels present: \[2\]"):
+        surfaces.label_surface(segmentation, 1)
+    with pytest.raises(surfaces.SurfaceError, match=r"lv\.vtp: unknown surface format"):
+        surfaces.write_surface(tmp_path / "lv.vtp", np.zeros((3, 3)), np.array([[0, 1, 2]]))
 
 
 # ------------------------------------------------------------------------------------------ resampling
@@ -438,7 +438,7 @@ def test_console_script_end_to_end_on_a_phantom(tmp_path):
     # the surface is in the MRI's space: the apex there is on it (to a voxel), and its volume is the LV's
     apex_distance = np.min(np.linalg.norm(mesh.points - theirs["apex"], axis=1))
     assert apex_distance < max(phantom.geometry.spacing)
-    volume = alignment.mesh_volume(mesh.points, mesh.cells_dict["triangle"])
+    volume = surfaces.mesh_volume(mesh.points, mesh.cells_dict["triangle"])
     assert volume == pytest.approx(ct_lv, rel=0.02) and report["surface"]["volume_mm3"] == pytest.approx(volume)
 
     failed = run_cli(["nnUNetv2_landmark_align", "-moving", str(tmp_path / "landmarks.csv"), "-fixed",
@@ -470,3 +470,41 @@ def test_a_csv_in_ras_is_converted_and_an_unknown_or_mixed_system_is_refused(tmp
         path = theirs(systems)
         with pytest.raises(LandmarkFileError, match=rf"{path}: coordinate system\(s\) {re.escape(shown)} in its rows"):
             alignment.load_landmarks(path)
+
+
+def test_landmarks_flagged_as_not_credible_are_refused_unless_allowed(tmp_path):
+    """Our export marks a landmark without a credible estimate (``status`` in landmarks.csv, ``positionStatus``
+    undefined in the markups, the reason in its description): alignment refuses it, naming the case, the landmark
+    and the reason, and writes nothing; ``--allow-flagged`` aligns with it anyway."""
+    from nnunet_landmark.inference import TABLE_EXTRA_COLUMNS
+    from nnunet_landmark.landmark_files import format_landmark_rows
+
+    matrix, translation = _rigid(9)
+    fixed = _landmarks(9, 4)
+    moving = _map(matrix, translation, fixed)
+    write_markups(tmp_path / "theirs.mrk.json", fixed)
+    statuses = {"apex": "structure_missing", "mitral_valve": "ok", "aortic_valve": "ok", "tricuspid_valve": "ok"}
+    rows = [{"case": case, "name": n, "x": float(p[0]), "y": float(p[1]), "z": float(p[2]),
+             "status": statuses[n] if case == "case_2" else "ok"} for case in ("case_1", "case_2")
+            for n, p in moving.items()]
+    (tmp_path / "landmarks.csv").write_text(format_landmark_rows(rows, TABLE_EXTRA_COLUMNS))
+    alignment.align(tmp_path / "landmarks.csv", tmp_path / "theirs.mrk.json", tmp_path / "a" / "t.tfm", case="case_1")
+    with pytest.raises(alignment.AlignmentError, match=r"case case_2: landmark\(s\) without a credible estimate: "
+                                                       r"apex: structure_missing.*--allow-flagged"):
+        alignment.align(tmp_path / "landmarks.csv", tmp_path / "theirs.mrk.json", tmp_path / "b" / "t.tfm",
+                        case="case_2")
+    assert not (tmp_path / "b").exists()
+    report = alignment.align(tmp_path / "landmarks.csv", tmp_path / "theirs.mrk.json", tmp_path / "b" / "t.tfm",
+                             case="case_2", allow_flagged=True)
+    assert report["fre_rms_mm"] < 1e-3  # the CSV holds 4 decimals
+    # the markups our export writes: positionStatus undefined, the reason first in the description
+    write_markups(tmp_path / "ours.mrk.json", moving,
+                  {"apex": "status=heatmap_flat (the heatmap claims 28.0 mm at its extremum); expected error 9.0 mm"},
+                  undefined=["apex"])
+    assert alignment.landmark_statuses(tmp_path / "ours.mrk.json")["apex"].startswith("heatmap_flat")
+    run = run_cli(["nnUNetv2_landmark_align", "-moving", str(tmp_path / "ours.mrk.json"), "-fixed",
+                   str(tmp_path / "theirs.mrk.json"), "-o", str(tmp_path / "c" / "t.tfm")], check=False)
+    assert run.returncode == 1 and "apex: heatmap_flat (the heatmap claims 28.0 mm" in run.stderr, run.stderr
+    run = run_cli(["nnUNetv2_landmark_align", "-moving", str(tmp_path / "ours.mrk.json"), "-fixed",
+                   str(tmp_path / "theirs.mrk.json"), "-o", str(tmp_path / "c" / "t.tfm"), "--allow-flagged"])
+    assert (tmp_path / "c" / "t.tfm").is_file()

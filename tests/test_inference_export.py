@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from nnunet_landmark.cpu_plans import default_resampling
+from nnunet_landmark.nnunet_integration import default_resampling
 from nnunet_landmark.geometry import ImageGeometry
-from nnunet_landmark.heatmap import HeatmapEncoding, render_heatmaps
+from nnunet_landmark.heatmap_targets import HeatmapEncoding, render_heatmaps
 from nnunet_landmark.inference import decode_landmarks, reliable_sliding_window_region
 from nnunet_landmark.landmark_heads import LandmarkHeads
 
@@ -174,7 +174,7 @@ def test_region_is_unchanged_for_step_sizes_up_to_one_half():
 
 def test_float16_extremes_without_a_copy_match_numpy():
     """The integer views give np.argmin / np.argmax's first occurrence, or hand over to the exact search."""
-    from nnunet_landmark.heatmap import _first_extreme_index
+    from nnunet_landmark.heatmap_decoding import _first_extreme_index
 
     rng = np.random.default_rng(0)
     answered = 0
@@ -198,7 +198,7 @@ def test_decoding_in_the_region_equals_the_whole_volume_search(kind, dtype):
     logits (fast path), float16 noise in the unreliable corners (the exact slab search) and ties."""
     import warnings
 
-    from nnunet_landmark.heatmap import decode_heatmap
+    from nnunet_landmark.heatmap_decoding import decode_heatmap
     from nnunet_landmark.inference import SlidingWindowRegion
 
     rng = np.random.default_rng(1)
@@ -234,7 +234,7 @@ def test_decoding_a_large_volume_makes_no_full_volume_temporaries():
     below one byte per voxel; the whole-volume mask alone took 9 bytes a voxel (float64 product + boolean)."""
     import tracemalloc
 
-    from nnunet_landmark.heatmap import decode_heatmap
+    from nnunet_landmark.heatmap_decoding import decode_heatmap
     from nnunet_landmark.inference import SlidingWindowRegion
 
     shape, spacing = (160, 256, 256), np.array([0.8, 0.8, 0.8])
@@ -503,3 +503,56 @@ def test_heatmap_files_hold_the_heatmaps_at_float16_precision(tmp_path, resample
         assert values.dtype == np.float32
         np.testing.assert_allclose(values, expected, rtol=0, atol=2.0 ** -11)
         assert np.abs(values - expected).max() > 0  # rounded indeed
+
+
+def test_decode_combines_the_prior_with_the_heatmap_by_its_validated_error():
+    """Synthetic logits with a known answer, through ``decode_landmarks`` as the export calls it: a segmentation
+    with an elongated structure (label 1) whose frame puts the prior at P, and a heatmap whose minimum is at H, 6 mm
+    away. With the heatmap's validated error at 1 mm the written point is H; at 1e6 mm it is P (the posterior mean of
+    the prior, its box symmetric about P); without a validated error the tau likelihood of the heatmap's distance
+    values puts it in between. The heatmap's own extremum is kept beside it, whatever the weight."""
+    import dataclasses
+
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    from nnunet_landmark.position_prior import LandmarkPrior, PositionPrior, affine_of, structure_moments
+
+    shape, spacing = (40, 48, 44), (2.0, 2.0, 2.0)  # preprocessed = original: identity transpose, no crop
+    properties = {"spacing": list(spacing), "shape_before_cropping": list(shape),
+                  "bbox_used_for_cropping": [[0, s] for s in shape],
+                  "shape_after_cropping_and_before_resampling": list(shape),
+                  "sitk_stuff": {"spacing": spacing[::-1], "origin": (0.0, 0.0, 0.0),
+                                 "direction": tuple(np.eye(3).ravel())}}
+    plans_manager = PlansManager(plans_for(list(spacing), [0, 1, 2], (48, 48, 48)))
+    configuration = plans_manager.get_configuration("3d_fullres")
+    z, y, x = np.ogrid[:shape[0], :shape[1], :shape[2]]
+    labels = (((z - 20) / 14.0) ** 2 + ((y - 24) / 7.0) ** 2 + ((x - 22) / 6.0) ** 2 <= 1).astype(int)
+    segmentation_logits = np.stack([(labels == c).astype(np.float16) * 10 for c in range(2)])
+    world = lambda index: np.asarray(index, float)[..., ::-1] * 2.0  # noqa: E731 (identity direction, origin 0)
+    moments = structure_moments(labels, affine_of(world))
+    centre = moments[1].mean
+    # the prior: 30 mm from the centre along the structure's principal axis (world z here), 3 mm SD
+    axis, roll = np.array([0.0, 0.0, 1.0]), np.array([1.0, 0.0, 0.0])
+    from nnunet_landmark.position_prior import structure_frame
+    _, rotation, size = structure_frame(moments[1], axis, roll)
+    prior = LandmarkPrior(1, axis, roll, np.array([30.0 / size, 0.0, 0.0]), np.eye(3) * (3.0 / size) ** 2, 1.0, 8)
+    p = centre + rotation @ np.array([30.0, 0.0, 0.0])
+    h = p + np.array([6.0, 0.0, 0.0])  # 6 mm off along world x
+    encoding = HeatmapEncoding("log_distance", max_distance_mm=30.0, scale_mm=10.0)
+    index = np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij"), -1)
+    values = np.clip(encoding.encode(np.linalg.norm(world(index) - h, axis=-1)), 1e-4, 1 - 1e-4)
+    heatmap_logits = np.log(values / (1 - values)).astype(np.float16)[None]
+    written = {}
+    for error in (1.0, 1e6, None):
+        heads = LandmarkHeads(("apex",), 2, encoding,
+                              (PositionPrior({"apex": dataclasses.replace(prior, heatmap_error_mm=error)}),))
+        decoded = decode_landmarks(heatmap_logits, properties, plans_manager, configuration, heads,
+                                   segmentation_logits=segmentation_logits)["apex"]
+        assert decoded["estimator"] == "prior+heatmap"
+        assert np.linalg.norm(decoded["heatmap_world"] - h) < 0.2, decoded["heatmap_world"]
+        written[error] = decoded["world"]
+    assert np.linalg.norm(written[1.0] - h) < 1.0, (written[1.0], h)  # the prior (3 mm SD) still pulls a little
+    assert np.linalg.norm(written[1e6] - p) < 0.1, (written[1e6], p)
+    # without a validated error the weak tau likelihood (20 mm) leaves the prior nearly in charge: a decoder that
+    # dropped the validated error would write this for the 1 mm heatmap too
+    assert np.linalg.norm(written[None] - p) < 1.0 and np.linalg.norm(written[None] - written[1.0]) > 4.0

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from nnunet_landmark.evaluation.metrics import landmark_error_mm
+from nnunet_landmark.metrics import landmark_error_mm
 from nnunet_landmark.geometry import ImageGeometry, lps_to_ras
 from nnunet_landmark.landmark_files import (LandmarkFileError, format_landmark_rows, read_landmark_csv,
                                             read_landmark_file, read_landmark_table, read_markups, read_sphere_mask,

@@ -4,7 +4,7 @@ import pytest
 import SimpleITK as sitk
 
 from nnunet_landmark.geometry import ImageGeometry
-from nnunet_landmark.heatmap import HeatmapEncoding, render_heatmaps
+from nnunet_landmark.heatmap_targets import HeatmapEncoding, render_heatmaps
 from nnunet_landmark.position_prior import (ALL_FOREGROUND, PRIOR_FLOOR_MM, SURFACE_BAND_SD, PositionPrior, affine_of,
                                             combine_with_heatmap, pooled_prediction, structure_moments)
 
@@ -117,6 +117,45 @@ def test_fit_learns_the_landmarks_in_the_frame_and_picks_the_informative_structu
     assert only_ball.landmarks["tip"].loo_rms_mm > 5 * prior.landmarks["tip"].loo_rms_mm
 
 
+def test_leave_one_out_error_is_computed_as_leave_one_out():
+    """``loo_rms_mm`` recomputed independently: each structure's frames (the principal axis, its sign and roll fixed
+    by the mean principal axis of all training cases and the world axis most orthogonal to it), then for each case the
+    mean frame coordinates of the other cases predict it; the RMS of those errors is the recorded value, and the chosen
+    structure is the one with the smallest. An in-sample error would be smaller by (n - 1) / n (0.8 here), which this
+    tells apart. (In-sample and leave-one-out rank structures alike for this estimator: each case's leave-one-out
+    residual is its in-sample residual times n / (n - 1), the frame being the case's own; only the values differ.)"""
+    from nnunet_landmark.position_prior import structure_frame
+
+    rng = np.random.default_rng(12)
+    cases = [ellipsoid_case(rng) for _ in range(5)]
+    fitted = [(_moments(l, g), p) for l, g, p in cases]
+    prior = PositionPrior.fit(fitted, ["tip", "side"])
+    n = len(fitted)
+    for k, name in enumerate(("tip", "side")):
+        per_structure = {}
+        for structure in (1, 2, ALL_FOREGROUND):
+            axes = []
+            for m, _ in fitted:
+                values, vectors = np.linalg.eigh(m[structure].cov)
+                axes.append(vectors[:, -1])
+            axes = [a if a @ axes[0] >= 0 else -a for a in axes]
+            reference = np.mean(axes, axis=0) / np.linalg.norm(np.mean(axes, axis=0))
+            roll = np.eye(3)[int(np.argmin(np.abs(reference)))]
+            frames = [structure_frame(m[structure], reference, roll) for m, _ in fitted]
+            coordinates = [r.T @ (p[k] - c) / size for (c, r, size), (_, p) in zip(frames, fitted)]
+            errors = [np.linalg.norm(c + size * r @ np.mean([q for j, q in enumerate(coordinates) if j != i], axis=0)
+                                     - fitted[i][1][k]) for i, (c, r, size) in enumerate(frames)]
+            per_structure[structure] = float(np.sqrt(np.mean(np.square(errors))))
+            in_sample = float(np.sqrt(np.mean(np.square([np.linalg.norm(
+                c + size * r @ np.mean(coordinates, axis=0) - p[k]) for (c, r, size), (_, p) in zip(frames, fitted)]))))
+            assert in_sample == pytest.approx(per_structure[structure] * (n - 1) / n, rel=1e-9)
+        chosen = prior.landmarks[name]
+        # the smallest (all foreground's largest piece is the ellipsoid itself: a tie with label 1)
+        assert per_structure[chosen.structure] == pytest.approx(min(per_structure.values()), rel=1e-9), per_structure
+        assert chosen.loo_rms_mm == pytest.approx(per_structure[chosen.structure], rel=1e-9), (name, per_structure)
+        assert per_structure[2] > 3 * per_structure[chosen.structure]  # the small ball elsewhere does not place it
+
+
 def test_a_flipped_direction_gives_the_same_world_frame_and_prediction():
     rng = np.random.default_rng(3)
     cases = [ellipsoid_case(rng) for _ in range(6)]
@@ -203,14 +242,14 @@ def test_heatmap_errors_from_validation_are_an_rms_and_need_two_cases():
     cases = [ellipsoid_case(rng) for _ in range(4)]
     prior = PositionPrior.fit([(_moments(l, g), p) for l, g, p in cases], ["tip", "side"])
     assert all(p.heatmap_error_mm is None for p in prior.landmarks.values())
-    weighed = prior.with_heatmap_errors({"tip": [3.0, 4.0, float("nan")], "side": [7.0]})
+    weighed = prior.with_validation({"tip": [3.0, 4.0, float("nan")], "side": [7.0]})
     assert weighed.landmarks["tip"].heatmap_error_mm == pytest.approx(np.sqrt(12.5))
     assert weighed.landmarks["side"].heatmap_error_mm is None  # one case says too little
     import json
     again = PositionPrior.from_dict(json.loads(json.dumps(weighed.to_dict())))
     assert again.landmarks["tip"].heatmap_error_mm == weighed.landmarks["tip"].heatmap_error_mm
     from nnunet_landmark.position_prior import pooled_heatmap_error
-    other = prior.with_heatmap_errors({"tip": [1.0, 1.0]})
+    other = prior.with_validation({"tip": [1.0, 1.0]})
     assert pooled_heatmap_error([weighed, other], "tip") == pytest.approx(np.sqrt((12.5 + 1.0) / 2))
     assert pooled_heatmap_error([prior], "tip") is None and pooled_heatmap_error([weighed], "side") is None
 
@@ -227,24 +266,58 @@ def test_pooling_averages_folds_and_skips_missing_structures():
     assert pooled_prediction([first], "unknown", moments) is None
 
 
+def test_pooling_folds_that_chose_different_structures():
+    """Two folds that placed "tip" in different structures' frames (the ellipsoid, all foreground): pooled as an equal
+    mixture of their world Gaussians (mean of means; covariance = mean covariance + the spread of the means), and
+    the boundary guard keeps one band per structure with its share of folds, not the first fold's alone."""
+    import dataclasses
+
+    from nnunet_landmark.position_prior import pooled_surface_bands
+
+    rng = np.random.default_rng(8)
+    cases = [ellipsoid_case(rng) for _ in range(4)]
+    prior = PositionPrior.fit([(_moments(l, g), p) for l, g, p in cases], ["tip", "side"])
+    tip = prior.landmarks["tip"]
+    assert tip.structure == 1
+    on_ellipsoid = PositionPrior({"tip": dataclasses.replace(tip, surface_mean=0.5, surface_sd=1.0)})
+    shifted = dataclasses.replace(tip, structure=ALL_FOREGROUND, mean=tip.mean + [0.2, 0.0, 0.0],
+                                  surface_mean=-2.0, surface_sd=3.0)
+    on_foreground = PositionPrior({"tip": shifted})
+    moments = _moments(*cases[0][:2])
+    (a, ca), (b, cb) = pooled_prediction([on_ellipsoid], "tip", moments), pooled_prediction([on_foreground], "tip",
+                                                                                          moments)
+    assert np.linalg.norm(a - b) > 1.0  # the two frames disagree by millimetres
+    mean, cov = pooled_prediction([on_ellipsoid, on_foreground], "tip", moments)
+    np.testing.assert_allclose(mean, (a + b) / 2, atol=1e-12)
+    np.testing.assert_allclose(cov, (ca + cb) / 2 + np.outer(a - b, a - b) / 4, atol=1e-9)
+    bands = pooled_surface_bands([on_ellipsoid, on_foreground, on_ellipsoid], "tip")
+    assert [(s, m, sd) for s, m, sd, _ in bands] == [(ALL_FOREGROUND, -2.0, 3.0), (1, 0.5, 1.0)]
+    assert [w for *_, w in bands] == pytest.approx([1 / 3, 2 / 3])
+    assert pooled_surface_bands([prior], "tip") == []  # no guard learned (fitted without boundary distances)
+
+
 def test_recording_keeps_every_fold_when_nnunet_rewrites_plans(tmp_path):
-    """nnU-Net rewrites plans.json from a fold's in-memory plans (its own prior only) when the fold starts: the
-    trainer hands the other folds' priors back, and a fold recorded later than the rewrite survives too."""
+    """nnU-Net rewrites plans.json from a fold's in-memory plans (its own prior only) when the fold starts: written
+    through ``write_plans_keeping_priors``, the other folds' priors stay, and its own replaces a stale one."""
     import json
 
     from nnunet_landmark.landmark_heads import (PLANS_KEY, PRIORS_KEY, record_position_prior,
-                                                recorded_position_priors)
+                                                recorded_position_priors, write_plans_keeping_priors)
 
     rng = np.random.default_rng(6)
     cases = [ellipsoid_case(rng) for _ in range(6)]
     priors = [PositionPrior.fit([(_moments(l, g), p) for l, g, p in part], ["tip", "side"])
               for part in (cases[:3], cases[3:])]
     plans_file = tmp_path / "plans.json"
-    plans_file.write_text(json.dumps({PLANS_KEY: {PRIORS_KEY: {"fold_0": priors[0].to_dict()}}}))
-    before = recorded_position_priors(str(plans_file))
-    plans_file.write_text(json.dumps({PLANS_KEY: {PRIORS_KEY: {"fold_1": priors[1].to_dict()}}}))  # nnU-Net's rewrite
-    record_position_prior(str(plans_file), "fold_1", priors[1], keep=before)
-    assert sorted(recorded_position_priors(str(plans_file))) == ["fold_0", "fold_1"]
+    plans_file.write_text(json.dumps({PLANS_KEY: {PRIORS_KEY: {"fold_0": priors[0].to_dict(),
+                                                               "fold_1": priors[0].to_dict()}}}))
+    in_memory = {"configurations": {}, PLANS_KEY: {PRIORS_KEY: {"fold_1": priors[1].to_dict()}}}
+    write_plans_keeping_priors(in_memory, str(plans_file))  # fold 1 starts (again)
+    recorded = recorded_position_priors(str(plans_file))
+    assert sorted(recorded) == ["fold_0", "fold_1"]
+    assert recorded["fold_0"] == priors[0].to_dict() and recorded["fold_1"] == priors[1].to_dict()
+    assert json.loads(plans_file.read_text())["configurations"] == {}
+    assert in_memory[PLANS_KEY][PRIORS_KEY].keys() == {"fold_1"}  # the trainer's own plans are not touched
     record_position_prior(str(plans_file), "fold_0", None)  # a fold without a prior removes its stale one
     assert sorted(recorded_position_priors(str(plans_file))) == ["fold_1"]
     assert recorded_position_priors(str(tmp_path / "missing.json")) == {}
@@ -295,7 +368,7 @@ def test_the_learned_boundary_distance_pulls_an_estimate_back_onto_the_structure
     flat = np.zeros(mask.shape, np.float32)
     without = combine_with_heatmap(flat, encoding, None, affine, prior_mean, prior_cov)
     with_boundary = combine_with_heatmap(flat, encoding, None, affine, prior_mean, prior_cov,
-                                         surface=(lambda box: distance[box], 0.0, 1.0))
+                                         surface=[(lambda box: distance[box], 0.0, 1.0, 1.0)])
     radius = lambda p: float(np.linalg.norm(np.asarray(p) - 25))  # noqa: E731
     band = SURFACE_BAND_SD * max(1.0, PRIOR_FLOOR_MM)  # the guard's SD is at least the prior's floor
     edge = 10 + band
@@ -304,7 +377,7 @@ def test_the_learned_boundary_distance_pulls_an_estimate_back_onto_the_structure
     assert edge - 1.0 < radius(with_boundary) < (edge + radius(without)) / 2, (with_boundary, without)
     # inside the band the factor changes nothing
     inside_band = combine_with_heatmap(flat, encoding, None, affine, np.array([25.0, 25.0, 35.0]), np.eye(3) * 0.04,
-                                       surface=(lambda box: distance[box], 0.0, 1.0))
+                                       surface=[(lambda box: distance[box], 0.0, 1.0, 1.0)])
     plain = combine_with_heatmap(flat, encoding, None, affine, np.array([25.0, 25.0, 35.0]), np.eye(3) * 0.04)
     np.testing.assert_allclose(inside_band, plain, atol=0.05)
     assert np.all(np.isinf(signed_distance(np.zeros((3, 3, 3), bool), spacing)))

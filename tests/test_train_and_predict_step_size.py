@@ -50,7 +50,7 @@ def test_step_size_reaches_the_landmark_export(smoke_landmark_model, tmp_path):
         out = tmp_path / f"step_{step}"
         predict(env, inputs, out, LANDMARK_TRAINER, ("0",), "--disable_tta", "-step_size", str(step), "-npp", "1",
                 "-nps", "1")
-        exported[step] = read_markups(out / f"{case}.mrk.json")
+        exported[step] = read_markups(out / f"{case}.mrk.json", flagged=True)
         with environment(env):
             predictor = nnUNetLandmarkPredictor(tile_step_size=step, use_mirroring=False, device=torch.device("cpu"),
                                                 allow_tqdm=False)
@@ -75,9 +75,3 @@ def test_step_size_reaches_the_landmark_export(smoke_landmark_model, tmp_path):
         windows[step] = steps
     # 0.3 places more windows than 0.5 on this case, so its reliable region is another one
     assert windows[0.3] != windows[0.5] and not np.array_equal(regions[0.3], regions[0.5])
-    # where two step sizes place the same windows, the exports are the same. (How far apart the landmarks of
-    # different windows may be depends on the model: this one has trained for 10 iterations, its heatmaps are
-    # nearly flat. test_inference_export's test_landmarks_agree_across_step_sizes bounds it for an exact one.)
-    if windows[0.5] == windows[1.0]:
-        for name in LANDMARKS:
-            np.testing.assert_allclose(exported[0.5][name], exported[1.0][name], atol=1e-6)

@@ -1,0 +1,100 @@
+"""Whether a landmark estimate is credible, and how far off it is expected to be (mm).
+
+Every landmark a model writes carries a ``status`` (``ok`` or why not) and an ``expected_error_mm``. The rules use only
+what the model learned from its training and validation cases (``position_prior``):
+
+* ``structure_missing`` / ``structure_implausible``: every structure that each training reference held must be in the
+  predicted segmentation, its volume (largest piece) within ``VOLUME_FACTOR`` of the references' range. A case without
+  them is not the anatomy the model knows (an empty scan, noise, a heart replaced or cropped away): every landmark is
+  flagged, whichever structure places it.
+* ``heatmap_flat``: the heatmap claims, at its extremum, a distance to the landmark (its target's inverse) larger than
+  ``CLAIM_FACTOR`` times the largest it claimed on the validation cases (at least ``CLAIM_FLOOR_MM``): it has found
+  nothing. Where a credible prior places the landmark, the estimate is the prior alone instead (a flat heatmap's
+  extremum is a random point) and stays ``ok``; without one the landmark is flagged.
+* ``outside_anatomy``: the estimate's signed distance from its structure's boundary lies further from the training
+  cases' mean than ``OUTSIDE_SD`` of their SDs plus ``OUTSIDE_MARGIN_MM``.
+
+``expected_error_mm``: the mean Euclidean error of an isotropic Gaussian as wide as the better of the prior's and the
+heatmap's errors on the fold's validation cases (RMS, on predicted segmentations; see ``expected_error``).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+import numpy as np
+
+OK = "ok"
+STRUCTURE_MISSING, STRUCTURE_IMPLAUSIBLE = "structure_missing", "structure_implausible"
+HEATMAP_FLAT, OUTSIDE_ANATOMY = "heatmap_flat", "outside_anatomy"
+VOLUME_FACTOR = 2.0
+CLAIM_FACTOR, CLAIM_FLOOR_MM = 2.0, 10.0
+OUTSIDE_SD, OUTSIDE_MARGIN_MM = 4.0, 3.0
+MEAN_NORM_PER_RMS = math.sqrt(8.0 / (3.0 * math.pi))  # E|x| / sqrt(E|x|^2) of an isotropic 3D Gaussian
+
+
+@dataclass(frozen=True)
+class Verdict:
+    status: str
+    detail: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.status == OK
+
+
+def pooled_volume_ranges(priors: Sequence) -> dict[int, tuple[float, float]]:
+    """structure -> (smallest, largest) volume over every fold's training references (structures every fold saw)."""
+    ranges: dict[int, tuple[float, float]] = {}
+    recorded = [p.structure_volumes_ml for p in priors if p.structure_volumes_ml]
+    for structure in set.intersection(*[set(r) for r in recorded]) if recorded else ():
+        ranges[structure] = (min(r[structure][0] for r in recorded), max(r[structure][1] for r in recorded))
+    return ranges
+
+
+def segmentation_verdict(moments: Mapping | None, volume_ranges: Mapping[int, tuple[float, float]],
+                         label_names: Mapping[int, str] | None = None) -> Verdict:
+    """``ok``, or why the predicted segmentation (structure -> ``Moments``) is not one the model's training cases
+    had: a structure each reference held is missing, or its volume is outside ``VOLUME_FACTOR`` of their range."""
+    def named(structure: int) -> str:
+        return f"{(label_names or {}).get(structure, 'label')} (label {structure})"
+
+    missing, implausible = [], []
+    for structure, (smallest, largest) in sorted(volume_ranges.items()):
+        found = None if moments is None else moments.get(structure)
+        if found is None or found.count < 4:
+            missing.append(named(structure))
+        elif not smallest / VOLUME_FACTOR <= found.volume_ml <= largest * VOLUME_FACTOR:
+            implausible.append(f"{named(structure)} {found.volume_ml:.1f} ml, training cases "
+                               f"{smallest:.1f}-{largest:.1f} ml")
+    if missing:
+        return Verdict(STRUCTURE_MISSING, "not segmented: " + ", ".join(missing))
+    if implausible:
+        return Verdict(STRUCTURE_IMPLAUSIBLE, "volume outside the training cases': " + "; ".join(implausible))
+    return Verdict(OK)
+
+
+def heatmap_is_flat(claim_mm: float, validated_claims_mm: Sequence[float | None], support_mm: float) -> bool:
+    """Whether the heatmap's claim at its extremum (mm) says it found nothing (see the module docstring)."""
+    known = [c for c in validated_claims_mm if c is not None]
+    limit = max(CLAIM_FACTOR * max(known), CLAIM_FLOOR_MM) if known else max(0.5 * support_mm, CLAIM_FLOOR_MM)
+    return not claim_mm <= limit
+
+
+def outside_anatomy(measured: Sequence[tuple[float, float, float]]) -> bool:
+    """Whether an estimate's signed distances from its structures' boundaries, [(distance, learned mean, learned SD)]
+    in mm (one per structure the folds chose), are each beyond the learned band by the module's margins."""
+    known = [(d, m, s) for d, m, s in measured if np.isfinite(d)]
+    return bool(known) and all(abs(d - m) > OUTSIDE_SD * max(s, 1.0) + OUTSIDE_MARGIN_MM for d, m, s in known)
+
+
+def expected_error(prior_rms_mm: float | None, heatmap_rms_mm: float | None) -> float:
+    """Expected Euclidean error (mm) of an estimate from the prior (RMS error ``prior_rms_mm`` on validation cases) and
+    the heatmap (``heatmap_rms_mm``): as good as the better of the two. Independent errors would combine to less, but
+    both follow the same image, and on validation phantoms the combination does not beat the better one; nor does
+    their disagreement in a case tell its error (the combination is robust to a far-off extremum: it follows the prior
+    there; measured in benchmarks/results/estimator_study.md). Either may be None (that estimator is absent or
+    unvalidated): the other's alone."""
+    known = [float(v) for v in (prior_rms_mm, heatmap_rms_mm) if v is not None]
+    return MEAN_NORM_PER_RMS * min(known) if known else float("nan")
