@@ -108,7 +108,7 @@ def prepare_phantom_dataset(env: Mapping[str, str], dataset_id: int, phantoms: P
                             landmarks: Sequence[str] = ("apex",), folds: int = 10, num_cases: int = 20,
                             seed: int = 0, size: str | tuple[int, int, int] = "tiny", flips: bool = True,
                             phantom_progress: bool = True, annotations: Sequence[str] | None = None,
-                            all_structures: bool = False,
+                            all_structures: bool = False, family: str = "analytic",
                             processes: int = 2, fingerprint_processes: int | None = None, overwrite: bool = False,
                             small_configuration: bool | Mapping[str, Any] = True,
                             write_phantoms: Callable[[Path], Any] | None = None,
@@ -116,7 +116,7 @@ def prepare_phantom_dataset(env: Mapping[str, str], dataset_id: int, phantoms: P
     """Phantoms -> ``nnUNetv2_convert_MMWHS`` -> ``nnUNetv2_plan_and_preprocess`` (ResEnc-M planner, 3d_fullres)
     -> the small CPU configuration, in the nnU-Net folders of ``env`` (``nnUNet_raw``, ``nnUNet_preprocessed``).
 
-    ``phantoms``: the MM-WHS-like folder, written (``num_cases``, ``seed``, ``size``, ``flips``; or by
+    ``phantoms``: the MM-WHS-like folder, written (``num_cases``, ``seed``, ``size``, ``flips``, ``family``; or by
     ``write_phantoms(phantoms)``) when the conversion needs it and it holds no ``landmarks.csv``. ``annotations``:
     the converter's ``-a`` (default the phantoms' ``landmarks.csv``); ``name``, ``landmarks``, ``folds``,
     ``overwrite``, ``all_structures``: its options (defaults: its own). ``processes`` / ``fingerprint_processes``:
@@ -134,9 +134,10 @@ def prepare_phantom_dataset(env: Mapping[str, str], dataset_id: int, phantoms: P
         if write_phantoms is not None:
             write_phantoms(Path(phantoms))
         else:
-            from nnunet_landmark.phantoms import write_mmwhs_phantoms
+            from nnunet_landmark.phantom_families import write_mmwhs_phantoms
 
-            write_mmwhs_phantoms(phantoms, num_cases, seed=seed, size=size, flips=flips, progress=phantom_progress)
+            write_mmwhs_phantoms(phantoms, num_cases, seed=seed, size=size, flips=flips, progress=phantom_progress,
+                                 family=family)
     if step is not None:
         step("nnUNetv2_convert_MMWHS")
     if convert:

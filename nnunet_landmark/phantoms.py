@@ -8,7 +8,7 @@ makes the task non-trivial: contrast in every chamber and in the descending aort
 told apart by shape), pericardial fat, lungs, spine, body outline, blur and noise. Pose, size,
 spacing (anisotropic), direction cosines and origin are random; a seed makes a case reproducible.
 
-Layout written by ``write_mmwhs_phantoms`` (the MM-WHS CT release plus our annotations)::
+Layout written by ``phantom_families.write_mmwhs_phantoms`` (the MM-WHS CT release plus our annotations)::
 
     OUT/ct_train/ct_train_1001_image.nii.gz      int16 HU
     OUT/ct_train/ct_train_1001_label.nii.gz      int16, {0, 205, 420, 500, 550, 600, 820, 850}
@@ -19,25 +19,15 @@ Layout written by ``write_mmwhs_phantoms`` (the MM-WHS CT release plus our annot
 """
 from __future__ import annotations
 
-import argparse
-import os
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
-from tqdm import tqdm
 
 from nnunet_landmark.geometry import ImageGeometry
-from nnunet_landmark.landmark_files import write_landmark_csv, write_sphere_mask
-
-MMWHS_LABELS = OrderedDict([
-    ("LV_myocardium", 205), ("LA", 420), ("LV_blood_cavity", 500), ("RA", 550), ("RV", 600),
-    ("ascending_aorta", 820), ("pulmonary_artery", 850),
-])
-LANDMARK_NAMES = ("apex", "mitral_valve", "aortic_valve")
+from nnunet_landmark.mmwhs import LANDMARKS
 
 # image sizes (x, y, z voxels) and the in-plane field of view (mm) of the presets
 SIZE_PRESETS = {
@@ -105,8 +95,7 @@ class HeartAnatomy:
 
     @property
     def landmarks(self) -> "OrderedDict[str, np.ndarray]":
-        return OrderedDict([("apex", self.apex), ("mitral_valve", self.mitral_valve),
-                            ("aortic_valve", self.aortic_valve)])
+        return OrderedDict(zip(LANDMARKS, (self.apex, self.mitral_valve, self.aortic_valve)))
 
 
 @dataclass
@@ -182,21 +171,8 @@ def _render_slab(coords: np.ndarray, a: HeartAnatomy, body_center: np.ndarray, h
     aorta = _tube(coords, a.aortic_valve, a.aorta_direction, 65.0, a.aorta_radius)
     pa = _tube(coords, a.pulmonary_valve, a.pa_direction, 55.0, a.pa_radius) & ~aorta
 
-    # structures outside the heart, relative to the body
-    desc_aorta_center = a.mitral_valve + np.array([25.0, 45.0, 0.0])
-    descending_aorta = _vertical_cylinder(coords, desc_aorta_center, 11.0, 11.0)
-    spine_center = body_center + np.array([8.0, 75.0, 0.0])
-    vertebra = _vertical_cylinder(coords, spine_center, 19.0, 17.0)
-    vertebra_core = _vertical_cylinder(coords, spine_center, 16.5, 14.5)
-    body = _vertical_cylinder(coords, body_center, 165.0, 120.0)
-    body_core = _vertical_cylinder(coords, body_center, 153.0, 108.0)
     heart_any = lv_outer | la | ra | rv_shape | rv_wall
     heart_near = ndimage_free_dilation(coords, a, margin=6.0)
-    lungs = np.zeros_like(body)
-    for side in (-1, 1):
-        lung_center = body_center + np.array([side * 78.0, 5.0, 0.0])
-        lungs |= _ellipsoid(coords, lung_center, np.eye(3), (62.0, 88.0, 190.0))
-    lungs &= ~heart_near & ~descending_aorta & ~vertebra & body_core
 
     label = np.zeros(coords.shape[:-1], dtype=np.int16)
     label[lv_outer & (s >= 0)] = 205
@@ -206,6 +182,31 @@ def _render_slab(coords: np.ndarray, a: HeartAnatomy, body_center: np.ndarray, h
     label[pa] = 850
     label[aorta] = 820
     label[lv_cavity] = 500
+    return label, render_chest(coords, label, rv_wall, heart_any, heart_near, a.mitral_valve, body_center, hu)
+
+
+def render_chest(coords: np.ndarray, label: np.ndarray, rv_wall: np.ndarray, heart_any: np.ndarray,
+                 heart_near: np.ndarray, mitral_valve: np.ndarray, body_center: np.ndarray, hu: dict,
+                 keep_descending_aorta_off: np.ndarray | None = None) -> np.ndarray:
+    """HU (before blur and noise) of a chest around a heart given by its MM-WHS ``label``s, for world points
+    ``coords`` (..., 3): body, fat, lungs, spine and descending aorta (placed from ``mitral_valve`` and
+    ``body_center``), pericardial fat in ``heart_near`` outside ``heart_any``, myocardium (label 205 and ``rv_wall``)
+    and contrast blood in every chamber. ``keep_descending_aorta_off``: where the descending aorta may not go (a real
+    heart's atrium can lie where the analytic one's does not)."""
+    desc_aorta_center = mitral_valve + np.array([25.0, 45.0, 0.0])
+    descending_aorta = _vertical_cylinder(coords, desc_aorta_center, 11.0, 11.0)
+    if keep_descending_aorta_off is not None:
+        descending_aorta &= ~keep_descending_aorta_off
+    spine_center = body_center + np.array([8.0, 75.0, 0.0])
+    vertebra = _vertical_cylinder(coords, spine_center, 19.0, 17.0)
+    vertebra_core = _vertical_cylinder(coords, spine_center, 16.5, 14.5)
+    body = _vertical_cylinder(coords, body_center, 165.0, 120.0)
+    body_core = _vertical_cylinder(coords, body_center, 153.0, 108.0)
+    lungs = np.zeros_like(body)
+    for side in (-1, 1):
+        lung_center = body_center + np.array([side * 78.0, 5.0, 0.0])
+        lungs |= _ellipsoid(coords, lung_center, np.eye(3), (62.0, 88.0, 190.0))
+    lungs &= ~heart_near & ~descending_aorta & ~vertebra & body_core
 
     image = np.full(coords.shape[:-1], -1000.0, dtype=np.float32)
     image[body] = hu["fat"]
@@ -218,7 +219,7 @@ def _render_slab(coords: np.ndarray, a: HeartAnatomy, body_center: np.ndarray, h
     image[rv_wall | (label == 205)] = hu["myocardium"]
     for value in (600, 550, 420, 850, 820, 500):
         image[label == value] = hu["blood"] * hu[f"scale_{value}"]
-    return label, image
+    return image
 
 
 def ndimage_free_dilation(coords, a: HeartAnatomy, margin: float) -> np.ndarray:
@@ -312,52 +313,3 @@ def generate_phantom(seed: int, size: str | tuple[int, int, int] = "tiny", pose_
     image = geometry.apply_to(sitk.GetImageFromArray(np.clip(np.round(hu_image), -1024, 3071).astype(np.int16)))
     label_image = geometry.apply_to(sitk.GetImageFromArray(label))
     return Phantom(image, label_image, anatomy, geometry, hu)
-
-
-def write_mmwhs_phantoms(output_folder: str | os.PathLike, num_cases: int = 20, seed: int = 0,
-                         size: str | tuple[int, int, int] = "tiny", first_case: int = 1001,
-                         pose_degrees: float = 20.0, oblique_degrees: float = 8.0, flips: bool = True,
-                         sphere_radius_mm: float | None = None, progress: bool = True) -> "OrderedDict":
-    """Write phantoms in the MM-WHS CT release layout plus sphere masks and a CSV of the landmarks.
-
-    Returns {case: {landmark name: LPS position}}.
-    """
-    out = Path(output_folder)
-    (out / "ct_train").mkdir(parents=True, exist_ok=True)
-    for name in LANDMARK_NAMES:
-        (out / name).mkdir(exist_ok=True)
-    table: "OrderedDict[str, OrderedDict]" = OrderedDict()
-    for n in tqdm(range(num_cases), desc="Generating phantoms", disable=not progress):
-        case = f"ct_train_{first_case + n}"
-        phantom = generate_phantom(seed * 100_003 + n, size, pose_degrees, oblique_degrees, flips)
-        sitk.WriteImage(phantom.image, str(out / "ct_train" / f"{case}_image.nii.gz"), useCompression=True)
-        sitk.WriteImage(phantom.label, str(out / "ct_train" / f"{case}_label.nii.gz"), useCompression=True)
-        radius = sphere_radius_mm if sphere_radius_mm is not None else max(3.0, 1.2 * max(phantom.geometry.spacing))
-        for name, position in phantom.landmarks.items():
-            write_sphere_mask(out / name / f"{case}_{name}.nii.gz", phantom.geometry, position, radius)
-        table[case] = phantom.landmarks
-    write_landmark_csv(out / "landmarks.csv", table)
-    return table
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(
-        description="Generate synthetic cardiac CT phantoms in the MM-WHS CT release layout (ct_train/ + "
-                    "landmark sphere masks + landmarks.csv).")
-    parser.add_argument("-o", "--output", required=True, help="output folder (MM-WHS-like release root)")
-    parser.add_argument("-n", "--num_cases", type=int, default=20, help="number of cases (default 20, as MM-WHS)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--size", default="tiny",
-                        help="tiny (48x48x40), small (96x96x72), realistic (512x512xN) or X,Y,Z")
-    parser.add_argument("--pose_degrees", type=float, default=20.0, help="max random rotation of the heart")
-    parser.add_argument("--oblique_degrees", type=float, default=8.0, help="max random tilt of the image axes")
-    parser.add_argument("--no_flips", action="store_true", help="keep identity axis directions")
-    args = parser.parse_args()
-    size = tuple(int(s) for s in args.size.split(",")) if "," in args.size else args.size
-    write_mmwhs_phantoms(args.output, args.num_cases, args.seed, size, pose_degrees=args.pose_degrees,
-                         oblique_degrees=args.oblique_degrees, flips=not args.no_flips)
-    print(f"wrote {args.num_cases} phantoms to {args.output}")
-
-
-if __name__ == "__main__":
-    main()

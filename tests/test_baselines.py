@@ -6,7 +6,7 @@ import pytest
 import SimpleITK as sitk
 
 from nnunet_landmark.evaluation.baselines import (BaselineError, MeanPositionBaseline, apex_from_segmentation,
-                                                  image_centre, leave_one_out_errors)
+                                                  image_centre, mean_position_leave_one_out_errors)
 from nnunet_landmark.geometry import ImageGeometry
 from nnunet_landmark.phantoms import generate_phantom
 
@@ -102,7 +102,7 @@ def test_mean_position_is_exact_for_a_constant_offset(frame):
     np.testing.assert_allclose(model.mean_offset, offset, atol=1e-9)
     np.testing.assert_allclose(model.predict(cases[-1][0]), cases[-1][1], atol=1e-9)
     assert model.num_cases == 6
-    np.testing.assert_allclose(leave_one_out_errors(cases, frame), 0, atol=1e-9)
+    np.testing.assert_allclose(mean_position_leave_one_out_errors(cases, frame), 0, atol=1e-9)
 
 
 def test_mean_position_errors():
@@ -122,7 +122,8 @@ def test_mean_position_leave_one_out_on_phantoms():
     for seed in range(12):
         phantom = generate_phantom(seed, "tiny")
         cases.append((phantom.geometry, phantom.landmarks["apex"]))
-    world, image = leave_one_out_errors(cases, "world"), leave_one_out_errors(cases, "image")
+    world = mean_position_leave_one_out_errors(cases, "world")
+    image = mean_position_leave_one_out_errors(cases, "image")
     assert world.mean() < 25.0
     assert world.mean() < image.mean()
 
@@ -210,10 +211,10 @@ def test_valve_rules_on_true_phantom_labels():
     """The demo's valve rules on the phantoms' own labels (small preset, ~2.3 x 2.3 x 3 mm voxels): the mitral valve
     from the LV/LA interface, the aortic valve from the aorta's end toward the LV, both within a few mm (the
     interface of the aorta and the LV cavity would be 6-8 mm off, the LV's base centre ~25 mm)."""
-    from nnunet_landmark.demo import segmentation_rules
-    from nnunet_landmark.phantoms import MMWHS_LABELS
+    from nnunet_landmark.evaluation.study.test_set import segmentation_rules
+    from nnunet_landmark.mmwhs import STRUCTURES
 
-    rules = segmentation_rules(MMWHS_LABELS)
+    rules = segmentation_rules(STRUCTURES)
     assert rules["mitral_valve"][0] == "centre of the LV/LA interface"
     assert rules["aortic_valve"][0] == "centre of the aorta's end toward the LV"
     errors = {"mitral_valve": [], "aortic_valve": []}
@@ -230,7 +231,7 @@ def test_valve_rules_on_true_phantom_labels():
 def test_valve_rules_fall_back_to_the_lv_base_without_the_neighbouring_structures():
     """An LV-only segmentation (``nnUNetv2_landmark_demo --lv-only``) has no LA or aorta: both valves come from the
     centre of the LV's base, the same point."""
-    from nnunet_landmark.demo import segmentation_rules
+    from nnunet_landmark.evaluation.study.test_set import segmentation_rules
     from nnunet_landmark.evaluation.baselines import base_from_segmentation
 
     rules = segmentation_rules({"background": 0, "LV_blood_cavity": 1})

@@ -18,13 +18,16 @@ import pytest
 import SimpleITK as sitk
 
 from conftest import run_cli
-from nnunet_landmark.demo import DATASET, LANDMARKS, MAX_ROTATION_DEGREES, MAX_TRANSLATION_MM
+from nnunet_landmark.demo import DATASET
+from nnunet_landmark.evaluation.study.alignment_study import MAX_ROTATION_DEGREES, MAX_TRANSLATION_MM
+from nnunet_landmark.mmwhs import LANDMARKS
 from nnunet_landmark.evaluation.baselines import BaselineError, apex_from_segmentation, tube_end_from_segmentation
 from nnunet_landmark.geometry import ImageGeometry
 from nnunet_landmark.label_landmarks import LabelRuleError, interface_centre
 from nnunet_landmark.evaluation.plots import FIXED_COLOUR, MOVED_COLOUR
-from nnunet_landmark.evaluation.metrics import dice
+from nnunet_landmark.metrics import dice
 from nnunet_landmark.landmark_files import read_landmark_csv, read_landmark_table, read_markups
+from nnunet_landmark.phantom_families import read_families
 from nnunet_landmark.results_folder import results_folder
 
 pytestmark = pytest.mark.slow
@@ -46,16 +49,22 @@ def test_demo_runs_the_whole_workflow_and_reports_finite_numbers(tmp_path):
     result = run_cli(["nnUNetv2_landmark_demo", "-o", str(out), "-device", "cpu", "--budget", "smoke",
                       "--cases", "6", "--folds", "3", "--test_cases", "2"], env, timeout=1500)
 
-    # the closing line: LV Dice, apex error, both baselines
-    done = re.search(rf"Unseen phantoms: LV Dice ({NUMBER}), apex error ({NUMBER}) mm \(mean-position baseline "
-                     rf"({NUMBER}) mm, geometric tip ({NUMBER}) mm\)", result.stdout)
+    # the closing lines: LV Dice of both models, every landmark (written / heatmap alone), on the default family
+    done = re.search(rf"Unseen phantoms \(analytic\+real\): LV Dice ({NUMBER}) \(plain nnU-Net ({NUMBER})\)\.\n"
+                     rf"Per landmark \(mean mm, what nnUNetv2_predict writes / the heatmap alone\): apex ({NUMBER}) / "
+                     rf"({NUMBER}), mitral_valve ({NUMBER}) / ({NUMBER}), aortic_valve ({NUMBER}) / ({NUMBER})\.",
+                     result.stdout)
     assert done, result.stdout[-3000:]
-    lv_dice, apex_error, mean_position, tip = (float(v) for v in done.groups())
-    assert all(math.isfinite(v) for v in (lv_dice, apex_error, mean_position)), done.group(0)
+    closing = [float(v) for v in done.groups()]
+    assert all(math.isfinite(v) for v in closing), done.group(0)
 
     # the per-case numbers behind it are those of the prediction files against the unseen phantoms' truth
     truth = read_landmark_csv(out / "unseen_phantoms" / "landmarks.csv")
     assert len(truth) == 2
+    # the default family alternates the analytic heart and the real MM-WHS hearts, in training and unseen cases
+    families = read_families(out / "unseen_phantoms")
+    assert list(families.values()) == ["analytic", "ct_train_1002"]
+    assert list(read_families(out / "mmwhs_phantoms").values()) == ["analytic", "ct_train_1002", "ct_train_1005"] * 2
     rows = json.loads((out / "report" / "test_set.json").read_text())
     assert set(rows) == {LANDMARK_TRAINER, PLAIN_TRAINER}
     for trainer, trainer_rows in rows.items():
@@ -64,13 +73,18 @@ def test_demo_runs_the_whole_workflow_and_reports_finite_numbers(tmp_path):
             predicted = sitk.GetArrayFromImage(sitk.ReadImage(str(out / f"predictions_{trainer}" / f"{row['case']}.nii.gz")))
             label = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "unseen_phantoms" / "ct_train" /
                                                               f"{row['case']}_label.nii.gz")))
+            assert row["family"] == families[row["case"]]
             assert row["dice"] == pytest.approx(dice(label == 500, predicted == 1), abs=1e-9)
+            assert row["foreground_dice"] == pytest.approx(np.mean([dice(label == value, predicted == index)
+                                                                    for index, value in enumerate(
+                                                                        (500, 205, 420, 550, 600, 820, 850), 1)]),
+                                                           abs=1e-9)
             assert math.isfinite(row["error_mean_position_mm"]) and row["error_mean_position_mm"] >= 0, (trainer, row)
             # the tip needs a predicted LV (a smoke model may segment none): NaN exactly where it has none
             assert math.isfinite(row["error_tip_mm"]) == bool((predicted == 1).any()), (trainer, row)
             assert not row["error_tip_mm"] < 0
     for row in rows[LANDMARK_TRAINER]:
-        markups = read_markups(out / f"predictions_{LANDMARK_TRAINER}" / f"{row['case']}.mrk.json")
+        markups = read_markups(out / f"predictions_{LANDMARK_TRAINER}" / f"{row['case']}.mrk.json", flagged=True)
         assert row["error_model_mm"] == pytest.approx(
             float(np.linalg.norm(markups["apex"] - truth[row["case"]]["apex"])), abs=1e-9)
         assert list(row["landmark_errors_mm"]) == list(LANDMARKS) == ["apex", "mitral_valve", "aortic_valve"]
@@ -100,63 +114,78 @@ def test_demo_runs_the_whole_workflow_and_reports_finite_numbers(tmp_path):
                     expected = float("nan")
                 assert row["rule_errors_mm"][name] == pytest.approx(expected, abs=1e-9, nan_ok=True), (row, name)
     landmark_rows = rows[LANDMARK_TRAINER]
-    assert lv_dice == pytest.approx(np.mean([r["dice"] for r in landmark_rows]), abs=6e-4)
-    assert apex_error == pytest.approx(np.mean([r["error_model_mm"] for r in landmark_rows]), abs=6e-3)
-    assert mean_position == pytest.approx(np.mean([r["error_mean_position_mm"] for r in landmark_rows]), abs=6e-3)
-    tips = [r["error_tip_mm"] for r in landmark_rows if math.isfinite(r["error_tip_mm"])]
-    assert tip == pytest.approx(np.mean(tips) if tips else float("nan"), abs=6e-3, nan_ok=True)
+    assert closing[0] == pytest.approx(np.mean([r["dice"] for r in landmark_rows]), abs=6e-4)
+    assert closing[1] == pytest.approx(np.mean([r["dice"] for r in rows[PLAIN_TRAINER]]), abs=6e-4)
+    for number, name in enumerate(LANDMARKS):
+        assert closing[2 + 2 * number] == pytest.approx(np.mean([r["landmark_errors_mm"][name] for r in landmark_rows]),
+                                                        abs=6e-3)
+        assert closing[3 + 2 * number] == pytest.approx(
+            np.mean([r["heatmap_extremum_errors_mm"][name] for r in landmark_rows]), abs=6e-3)
 
-    # report.md: the unseen test set's table, the cross-validation fold's headline, every figure it links
+    # report.md: per phantom family, the unseen test set's tables; the cross-validation fold's headline; every figure
     report = out / "report" / "report.md"
     text = report.read_text()
-    assert "## Unseen test set (2 phantoms, `nnUNetv2_predict`)" in text
     assert "## Cross-validation fold: headline" in text
-    table = text[text.index("## Unseen test set"):text.index("## Alignment of the unseen phantoms")]
-    summary_rows = [line for line in table.splitlines() if line.startswith("| LV Dice") or line.startswith("| apex error")]
-    assert len(summary_rows) == 7, table
-    summary_values = [[r["dice"] for r in landmark_rows], [r["dice"] for r in rows[PLAIN_TRAINER]],
-                      [r["error_model_mm"] for r in landmark_rows],
-                      [r["heatmap_extremum_errors_mm"]["apex"] for r in landmark_rows],
-                      [r["error_tip_mm"] for r in landmark_rows], [r["error_tip_mm"] for r in rows[PLAIN_TRAINER]],
-                      [r["error_mean_position_mm"] for r in landmark_rows]]
-    for line, expected in zip(summary_rows, summary_values):
-        expected = np.asarray(expected, dtype=float)
-        found = expected[np.isfinite(expected)]
-        cell = line.split("|")[2]
-        if len(found) < len(expected):  # cases without a predicted LV are left out, and counted
-            assert f"without a predicted LV: {len(expected) - len(found)} of {len(expected)} cases" in cell, line
-            if not len(found):
-                continue
-        values = [float(v) for v in re.findall(NUMBER, cell.split(";")[0])]
-        assert len(values) == 4, line  # mean, SD, median, max
-        assert values[0] == pytest.approx(found.mean(), abs=6e-3) and values[3] == pytest.approx(found.max(), abs=6e-3)
-        assert all(math.isfinite(v) for v in values) or len(found) == 1, line  # one case has no SD
-    case_rows = [line for line in table.splitlines() if line.startswith("| ct_train_")]
-    assert [line.split("|")[1].strip() for line in case_rows] == list(truth)
-    for line, a, b in zip(case_rows, landmark_rows, rows[PLAIN_TRAINER]):
-        values = [float(v) for cell in line.split("|")[2:-1] for v in re.findall(NUMBER, cell)]
-        assert values == pytest.approx([a["dice"], b["dice"], a["error_model_mm"], a["heatmap_extremum_errors_mm"]["apex"],
-                                        a["error_tip_mm"], b["error_tip_mm"], a["error_mean_position_mm"]],
-                                       abs=6e-3, nan_ok=True), line
-        assert all(math.isfinite(v) for v in values[:4] + values[6:]), line
-    # every landmark's error: mean / median / max over the unseen phantoms, from the prediction files
-    errors = {name: [float(np.linalg.norm(read_markups(out / f"predictions_{LANDMARK_TRAINER}" / f"{case}.mrk.json")[name]
-                                          - truth[case][name])) for case in truth] for name in LANDMARKS}
-    # the heatmap extremum alone, from the table's heatmap_x/y/z columns
+    # every landmark's error from the prediction files, and the heatmap extremum alone from the table's heatmap_x/y/z
+    errors = {name: {case: float(np.linalg.norm(read_markups(out / f"predictions_{LANDMARK_TRAINER}" / f"{case}.mrk.json",
+                                                             flagged=True)[name] - truth[case][name]))
+                     for case in truth} for name in LANDMARKS}
     table_rows = read_landmark_table(out / f"predictions_{LANDMARK_TRAINER}" / "landmarks.csv")
-    extremum = {name: [float(np.linalg.norm(np.array([float(r[f"heatmap_{a}"]) for a in "xyz"]) - truth[r["case"]][name]))
-                       for r in table_rows if r["name"] == name] for name in LANDMARKS}
-    for name in LANDMARKS:
-        landmark_rows_md = [line for line in table.splitlines() if line.startswith(f"| {name} |")]
-        assert len(landmark_rows_md) == 1, table
-        values = [float(v) for cell in landmark_rows_md[0].split("|")[2:-1] for v in re.findall(NUMBER, cell)]
-        assert values[:3] == pytest.approx([np.mean(errors[name]), np.median(errors[name]), np.max(errors[name])],
-                                           abs=6e-3), (name, landmark_rows_md[0])
-        assert values[3:5] == pytest.approx([np.mean(extremum[name]), np.max(extremum[name])], abs=6e-3)
-        rule = np.asarray([r["rule_errors_mm"][name] for r in landmark_rows], dtype=float)
-        rule = rule[np.isfinite(rule)]  # NaN where the smoke model segmented no structure the rule needs
-        assert len(values) == 7 and values[5:] == pytest.approx(
-            [rule.mean(), rule.max()] if len(rule) else [float("nan")] * 2, abs=6e-3, nan_ok=True), landmark_rows_md
+    extremum = {name: {r["case"]: float(np.linalg.norm(np.array([float(r[f"heatmap_{a}"]) for a in "xyz"]) -
+                                                       truth[r["case"]][name]))
+                       for r in table_rows if r["name"] == name} for name in LANDMARKS}
+    plain_rows = {r["case"]: r for r in rows[PLAIN_TRAINER]}
+    for family in dict.fromkeys(families.values()):
+        cases = [c for c in truth if families[c] == family]
+        heading = f"## Unseen test set: {family} phantoms ({len(cases)}, `nnUNetv2_predict`)"
+        assert heading in text, text[:3000]
+        table = text[text.index(heading):]
+        table = table[:table.index("\n## ", 3)]
+        mine = [r for r in landmark_rows if r["case"] in cases]
+        plain = [plain_rows[c] for c in cases]
+        foreground = re.search(rf"landmark model ({NUMBER}), plain nnU-Net ({NUMBER})", table)
+        assert [float(v) for v in foreground.groups()] == pytest.approx(
+            [np.mean([r["foreground_dice"] for r in mine]), np.mean([r["foreground_dice"] for r in plain])], abs=6e-4)
+        summary_rows = [line for line in table.splitlines()
+                        if line.startswith("| LV Dice") or line.startswith("| apex error")]
+        assert len(summary_rows) == 7, table
+        summary_values = [[r["dice"] for r in mine], [r["dice"] for r in plain], [r["error_model_mm"] for r in mine],
+                          [r["heatmap_extremum_errors_mm"]["apex"] for r in mine], [r["error_tip_mm"] for r in mine],
+                          [r["error_tip_mm"] for r in plain], [r["error_mean_position_mm"] for r in mine]]
+        for line, expected in zip(summary_rows, summary_values):
+            expected = np.asarray(expected, dtype=float)
+            found = expected[np.isfinite(expected)]
+            cell = line.split("|")[2]
+            if len(found) < len(expected):  # cases without a predicted LV are left out, and counted
+                assert f"without a predicted LV: {len(expected) - len(found)} of {len(expected)} cases" in cell, line
+                if not len(found):
+                    continue
+            values = [float(v) for v in re.findall(NUMBER, cell.split(";")[0])]
+            assert len(values) == 4, line  # mean, SD, median, max
+            assert values[0] == pytest.approx(found.mean(), abs=6e-3)
+            assert values[3] == pytest.approx(found.max(), abs=6e-3)
+            assert all(math.isfinite(v) for v in values) or len(found) == 1, line  # one case has no SD
+        case_rows = [line for line in table.splitlines() if line.startswith("| ct_train_")]
+        assert [line.split("|")[1].strip() for line in case_rows] == cases
+        for line, a, b in zip(case_rows, mine, plain):
+            values = [float(v) for cell in line.split("|")[2:-1] for v in re.findall(NUMBER, cell)]
+            assert values == pytest.approx([a["dice"], b["dice"], a["error_model_mm"],
+                                            a["heatmap_extremum_errors_mm"]["apex"], a["error_tip_mm"],
+                                            b["error_tip_mm"], a["error_mean_position_mm"]], abs=6e-3, nan_ok=True)
+            assert all(math.isfinite(v) for v in values[:4] + values[6:]), line
+        for name in LANDMARKS:
+            landmark_rows_md = [line for line in table.splitlines() if line.startswith(f"| {name} |")]
+            assert len(landmark_rows_md) == 1, table
+            values = [float(v) for cell in landmark_rows_md[0].split("|")[2:-1] for v in re.findall(NUMBER, cell)]
+            mine_errors = [errors[name][c] for c in cases]
+            mine_extremum = [extremum[name][c] for c in cases]
+            assert values[:3] == pytest.approx([np.mean(mine_errors), np.median(mine_errors), np.max(mine_errors)],
+                                               abs=6e-3), (name, landmark_rows_md[0])
+            assert values[3:5] == pytest.approx([np.mean(mine_extremum), np.max(mine_extremum)], abs=6e-3)
+            rule = np.asarray([r["rule_errors_mm"][name] for r in mine], dtype=float)
+            rule = rule[np.isfinite(rule)]  # NaN where the smoke model segmented no structure the rule needs
+            assert len(values) == 7 and values[5:] == pytest.approx(
+                [rule.mean(), rule.max()] if len(rule) else [float("nan")] * 2, abs=6e-3, nan_ok=True)
 
     # alignment: per case and overall, TRE from the predicted landmarks finite, from the true ones ~0
     alignment = json.loads((out / "report" / "alignment.json").read_text())

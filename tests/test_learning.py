@@ -16,7 +16,7 @@ import SimpleITK as sitk
 
 from conftest import CONFIG, PLANS, run_cli, shared_data
 from nnunet_landmark.evaluation.baselines import fit_mean_positions
-from nnunet_landmark.evaluation.metrics import dice, landmark_error_mm
+from nnunet_landmark.metrics import dice, landmark_error_mm
 from nnunet_landmark.geometry import ImageGeometry
 from nnunet_landmark.landmark_files import read_landmark_table, read_markups
 
@@ -25,7 +25,9 @@ TRAINER = "nnUNetTrainerLandmark_cpu_learn"
 
 
 def test_landmark_model_learns_on_cpu(learned_model, tmp_path):
-    from nnunet_landmark.phantoms import write_mmwhs_phantoms
+    import torch
+
+    from nnunet_landmark.phantom_families import write_mmwhs_phantoms
 
     env, DATASET_ID, DATASET = learned_model["env"], learned_model["dataset_id"], learned_model["dataset"]
     LANDMARKS = learned_model["landmarks"]
@@ -50,32 +52,42 @@ def test_landmark_model_learns_on_cpu(learned_model, tmp_path):
     for name in LANDMARKS:
         for case, landmarks in truth.items():
             geometry = ImageGeometry.from_file(inputs / f"{case}_0000.nii.gz")
-            predicted = read_markups(out / f"{case}.mrk.json")[name]
+            predicted = read_markups(out / f"{case}.mrk.json", flagged=True)[name]
             errors[name].append(landmark_error_mm(predicted, landmarks[name]))
             baseline_errors[name].append(landmark_error_mm(baselines[name].predict(geometry), landmarks[name]))
     for case in truth:
         reference = sitk.GetArrayFromImage(sitk.ReadImage(str(test_root / "ct_train" / f"{case}_label.nii.gz"))) == 500
         prediction = sitk.GetArrayFromImage(sitk.ReadImage(str(out / f"{case}.nii.gz"))) == 1
         dices.append(dice(reference, prediction))
-    report = {n: {"model_mm": np.round(errors[n], 1).tolist(), "mean_position_mm": np.round(baseline_errors[n], 1).tolist()}
-              for n in LANDMARKS}
-    print(json.dumps({"landmark_errors": report, "lv_dice": np.round(dices, 3).tolist()}, indent=1))
-    assert np.mean(dices) > 0.8, dices
-    # the estimate combines the position prior (in the frame of the predicted LV) with the heatmap, weighed by its
-    # validation error; the table keeps the heatmap's own extremum. Measured with this budget in the demo's setting
-    # (six runs, 60 unseen phantoms): apex 1.26 mm mean, 3.97 max, against 8.8 / 45.8 for the heatmap extremum
-    # (benchmarks/ACCURACY.md).
     table = read_landmark_table(out / "landmarks.csv")
-    assert {r["estimator"] for r in table} == {"prior+heatmap"}
     extremum_errors = {n: [landmark_error_mm([float(r[f"heatmap_{a}"]) for a in "xyz"], truth[r["case"]][n])
                            for r in table if r["name"] == n] for n in LANDMARKS}
-    print(json.dumps({"heatmap_extremum_mm": {n: np.round(v, 1).tolist() for n, v in extremum_errors.items()}}))
+    checkpoint = torch.load(learned_model["folder"] / "fold_0" / "checkpoint_final.pth", map_location="cpu",
+                            weights_only=False)
+    curve = np.asarray(checkpoint["logging"]["val_landmark_errors_mm"], dtype=float)
+    report = {n: {"model_mm": np.round(errors[n], 1).tolist(), "heatmap_mm": np.round(extremum_errors[n], 1).tolist(),
+                  "mean_position_mm": np.round(baseline_errors[n], 1).tolist()} for n in LANDMARKS}
+    print(json.dumps({"landmark_errors": report, "lv_dice": np.round(dices, 3).tolist(),
+                      "validation_patch_heatmap_error_mm": np.round(curve, 1).tolist()}, indent=1))
+    # the seeded run (nnUNet_landmark_seed=1), measured: LV Dice 0.99, apex written ~1.2 mm mean (max ~3), the heatmap
+    # extremum alone ~2-4 mm mean; bounds a small multiple of those
+    assert np.mean(dices) > 0.95, dices
+    assert {r["estimator"] for r in table} <= {"prior+heatmap", "prior"} and {r["status"] for r in table} == {"ok"}
     for name in LANDMARKS:
-        assert np.mean(errors[name]) < 0.6 * np.mean(baseline_errors[name]), (name, report[name])
-        assert np.mean(errors[name]) < np.mean(extremum_errors[name]), (name, report[name])
-        # no catastrophic outlier (the heatmap extremum alone once put one 137 mm away); measured worst 14.7 mm, in
-        # one of three runs (two cases near 12-15 mm with LV Dice 0.97: see the closing notes of issue 8)
-        assert np.max(errors[name]) < 20.0, (name, report[name])
+        assert np.mean(errors[name]) < 3.0 and np.max(errors[name]) < 8.0, (name, report[name])
+        assert np.mean(errors[name]) < 0.3 * np.mean(baseline_errors[name]), (name, report[name])
+        # the heatmap localises on its own (it was 5-45 mm off before the decoupled head)
+        assert np.mean(extremum_errors[name]) < 6.0 and np.max(extremum_errors[name]) < 15.0, (name, report[name])
+    # and it learned over the epochs: its error in the validation patches fell from tens of mm to a few
+    assert np.all(np.isfinite(curve[:3])) and np.nanmean(curve[:3]) > 15.0, curve
+    assert np.nanmean(curve[-5:]) < 6.0 and np.nanmean(curve[-5:]) < np.nanmean(curve[:3]) / 4, curve
+    # no false flags on the fold's validation cases either; the prior's boundary guard and validation were learned
+    validation = read_landmark_table(learned_model["folder"] / "fold_0" / "validation" / "landmarks.csv")
+    assert {r["status"] for r in validation} == {"ok"}, validation
+    prior = json.loads((learned_model["folder"] / "plans.json").read_text())["nnunet_landmark"]["position_priors"]
+    apex = prior["fold_0"]["landmarks"]["apex"]
+    assert abs(apex["surface_mean"]) < 5.0 and 0 < apex["surface_sd"] < 5.0, apex  # the apex is on the LV's tip
+    assert apex["heatmap_error_mm"] < 8.0 and apex["prior_error_mm"] < 5.0 and apex["heatmap_claim_mm"] < 15.0, apex
 
 
 def test_prediction_on_a_real_ct(learned_model, tmp_path):
@@ -98,7 +110,7 @@ def test_prediction_on_a_real_ct(learned_model, tmp_path):
     geometry = ImageGeometry.from_file(ct)
     doc = json.loads((out / "real_ct.mrk.json").read_text())
     assert doc["markups"][0]["coordinateSystem"] == "LPS" and doc["markups"][0]["type"] == "Fiducial"
-    apex = read_markups(out / "real_ct.mrk.json")["apex"]
+    apex = read_markups(out / "real_ct.mrk.json", flagged=True)["apex"]
     segmentation = sitk.ReadImage(str(out / "real_ct.nii.gz"))
     assert ImageGeometry.from_image(segmentation).same_grid_as(geometry)
 
@@ -128,3 +140,66 @@ def test_prediction_on_a_real_ct(learned_model, tmp_path):
     assert lv_offset[0] > 5, lv_offset  # the left ventricle is in the left heart
     assert apex_to_heart < 8, apex_to_heart
     assert apex_offset[0] > 10 and apex_offset[1] < -10 and apex_offset[2] < -10, apex_offset
+
+
+def _failure_inputs(folder: Path) -> dict[str, str]:
+    """The five inputs on which no landmark is credible, written as nnU-Net inputs; {case: what it is}. Made from an
+    unseen phantom (seed 78): its air, noise, its heart replaced by soft tissue, its LV cavity filled with
+    myocardium-like intensity, and its chest above the heart alone."""
+    from nnunet_landmark.phantoms import generate_phantom
+
+    phantom = generate_phantom(78 * 100_003, (64, 64, 48), flips=False)
+    image = sitk.GetArrayFromImage(phantom.image).astype(np.float32)
+    label = sitk.GetArrayFromImage(phantom.label)
+    rng = np.random.default_rng(5)
+    variants = {
+        "all_air": np.full_like(image, -1000.0),
+        "noise": rng.normal(0, 400, image.shape),
+        "heart_soft_tissue": np.where(label > 0, 40 + rng.normal(0, 20, image.shape), image),
+        "lv_as_myocardium": np.where(label == 500, 110 + rng.normal(0, 20, image.shape), image),
+    }
+    written = {}
+    for case, array in variants.items():
+        out = phantom.geometry.apply_to(sitk.GetImageFromArray(np.clip(array, -1024, 3071).astype(np.int16)))
+        sitk.WriteImage(out, str(folder / f"{case}_0000.nii.gz"))
+        written[case] = case.replace("_", " ")
+    # the chest above the heart: the slices without any heart label (a scan whose field of view missed the heart)
+    rows = np.flatnonzero((label > 0).any(axis=(1, 2)))
+    above = sitk.GetImageFromArray(image[rows.max() + 2:].astype(np.int16))
+    geometry = phantom.geometry
+    above.SetSpacing(geometry.spacing)
+    above.SetDirection(geometry.direction)
+    above.SetOrigin(tuple(geometry.array_index_to_world([rows.max() + 2, 0, 0])))
+    assert above.GetSize()[2] >= 8, above.GetSize()
+    sitk.WriteImage(above, str(folder / "chest_without_heart_0000.nii.gz"))
+    written["chest_without_heart"] = "chest without heart"
+    return written
+
+
+def test_no_confident_landmark_where_there_is_nothing_to_find(learned_model, tmp_path):
+    """An all-air volume, noise, a phantom whose heart is soft tissue, one whose LV cavity has myocardium's
+    intensity, and a chest scanned above the heart: ``nnUNetv2_predict`` still writes every segmentation and exits 0,
+    but flags every landmark (``status`` in landmarks.csv, ``positionStatus`` undefined in the markups with the reason
+    in the description) and warns naming the case and the landmark. Before, each got three confident landmarks."""
+    from nnunet_landmark.landmark_files import markup_statuses
+
+    env = learned_model["env"]
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    cases = _failure_inputs(inputs)
+    out = tmp_path / "predicted"
+    result = run_cli(["nnUNetv2_predict", "-i", str(inputs), "-o", str(out), "-d", str(learned_model["dataset_id"]),
+                      "-c", CONFIG, "-f", "0", "-tr", learned_model["trainer"], "-p", PLANS, "-device", "cpu",
+                      "--disable_tta"], env)
+    table = read_landmark_table(out / "landmarks.csv")
+    print(json.dumps([{k: r[k] for k in ("case", "name", "status", "expected_error_mm", "heatmap_claim_mm")}
+                      for r in table], indent=1))
+    assert sorted({r["case"] for r in table}) == sorted(cases)
+    for case in cases:
+        assert (out / f"{case}.nii.gz").is_file(), case
+        statuses = markup_statuses(out / f"{case}.mrk.json")
+        for row in (r for r in table if r["case"] == case):
+            assert row["status"] != "ok", (case, row)
+            position_status, description = statuses[row["name"]]
+            assert position_status == "undefined" and description.startswith(f"status={row['status']}"), case
+            assert f"{case}: landmark {row['name']} is not credible ({row['status']}" in result.stderr, case

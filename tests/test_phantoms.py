@@ -5,11 +5,13 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from conftest import run_cli
+from conftest import run_cli, shared_data
 from nnunet_landmark.geometry import ImageGeometry
 from nnunet_landmark.landmark_files import read_landmark_csv, read_sphere_mask
-from nnunet_landmark.phantoms import (LANDMARK_NAMES, MMWHS_LABELS, generate_phantom, sample_anatomy,
-                                      write_mmwhs_phantoms)
+from nnunet_landmark.phantom_families import family_members, read_families, write_mmwhs_phantoms
+from nnunet_landmark.mmwhs import LANDMARKS
+from nnunet_landmark.mmwhs import STRUCTURES
+from nnunet_landmark.phantoms import generate_phantom, sample_anatomy
 
 MMWHS_VALUES = {0, 205, 420, 500, 550, 600, 820, 850}
 CHAMBERS = {"LA": 420, "LV_blood_cavity": 500, "RA": 550, "RV": 600, "ascending_aorta": 820,
@@ -32,7 +34,7 @@ def test_same_seed_gives_identical_phantoms_and_different_seeds_differ(tiny_phan
     for a, b in zip(arrays(first), arrays(again)):
         np.testing.assert_array_equal(a, b)
     assert first.geometry == again.geometry
-    for name in LANDMARK_NAMES:
+    for name in LANDMARKS:
         np.testing.assert_array_equal(first.landmarks[name], again.landmarks[name])
     image4, label4 = arrays(tiny_phantoms[4])
     image3, label3 = arrays(first)
@@ -42,7 +44,7 @@ def test_same_seed_gives_identical_phantoms_and_different_seeds_differ(tiny_phan
 
 
 def test_label_values_and_pixel_types(tiny_phantoms):
-    assert set(MMWHS_LABELS.values()) | {0} == MMWHS_VALUES
+    assert set(STRUCTURES.values()) | {0} == MMWHS_VALUES
     for seed, phantom in tiny_phantoms.items():
         assert phantom.image.GetPixelID() == sitk.sitkInt16
         assert phantom.label.GetPixelID() == sitk.sitkInt16
@@ -151,10 +153,10 @@ def test_write_mmwhs_phantoms_layout_and_sphere_masks(tmp_path):
     table = write_mmwhs_phantoms(tmp_path, num_cases=3, seed=5, progress=False)
     files = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file())
     cases = ["ct_train_1001", "ct_train_1002", "ct_train_1003"]
-    expected = ["landmarks.csv"]
+    expected = ["landmarks.csv", "families.csv"]
     for case in cases:
         expected += [f"ct_train/{case}_image.nii.gz", f"ct_train/{case}_label.nii.gz"]
-        expected += [f"{name}/{case}_{name}.nii.gz" for name in LANDMARK_NAMES]
+        expected += [f"{name}/{case}_{name}.nii.gz" for name in LANDMARKS]
     assert files == sorted(expected)
     assert list(table) == cases
     csv = read_landmark_csv(tmp_path / "landmarks.csv")
@@ -166,8 +168,8 @@ def test_write_mmwhs_phantoms_layout_and_sphere_masks(tmp_path):
         geometry = ImageGeometry.from_image(image)
         assert geometry.same_grid_as(ImageGeometry.from_image(label))
         assert set(np.unique(sitk.GetArrayViewFromImage(label)).tolist()) == MMWHS_VALUES
-        assert list(csv[case]) == list(LANDMARK_NAMES)
-        for name in LANDMARK_NAMES:
+        assert list(csv[case]) == list(LANDMARKS)
+        for name in LANDMARKS:
             np.testing.assert_allclose(csv[case][name], table[case][name], atol=1e-9)
             mask_path = tmp_path / name / f"{case}_{name}.nii.gz"
             centroid = read_sphere_mask(mask_path, reference=geometry)  # on the image grid, one ball
@@ -258,5 +260,22 @@ def test_console_script_writes_the_release(tmp_path):
     csv = read_landmark_csv(tmp_path / "out" / "landmarks.csv")
     assert list(csv) == ["ct_train_1001", "ct_train_1002"]
     for case in csv:
-        for name in LANDMARK_NAMES:
+        for name in LANDMARKS:
             np.testing.assert_array_equal(csv[case][name], expected[case][name])
+
+
+def test_families_mix_generators_case_by_case(tmp_path):
+    """``analytic+real`` alternates the analytic heart and the real templates; the analytic cases are exactly what
+    the analytic family writes for the same case numbers and seeds; ``families.csv`` says which is which."""
+    shared_data("mmwhs_ct_labels", "ct_train_1002_label.nii.gz")
+    assert family_members("analytic+real") == ["analytic", "ct_train_1002", "ct_train_1005"]
+    with pytest.raises(ValueError, match="unknown phantom family 'nonsense'"):
+        family_members("analytic+nonsense")
+    mixed = write_mmwhs_phantoms(tmp_path / "mixed", 2, seed=4, size=(24, 24, 20), progress=False,
+                                 family="analytic+ct_train_1005")
+    analytic = write_mmwhs_phantoms(tmp_path / "analytic", 1, seed=4, size=(24, 24, 20), progress=False)
+    assert read_families(tmp_path / "mixed") == {"ct_train_1001": "analytic", "ct_train_1002": "ct_train_1005"}
+    assert read_families(tmp_path / "nothing") == {}
+    np.testing.assert_array_equal(mixed["ct_train_1001"]["apex"], analytic["ct_train_1001"]["apex"])
+    image = sitk.ReadImage(str(tmp_path / "mixed" / "ct_train" / "ct_train_1002_image.nii.gz"))
+    assert image.GetSize() == (24, 24, 20)

@@ -18,18 +18,18 @@ with ``qc=True``, one QC figure per case under ``qc/``.
 """
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Mapping, Sequence
 
 from nnunet_landmark.evaluation.folder import EvaluationError
-from nnunet_landmark.evaluation.metrics import json_ready, paired_wilcoxon, summarize
+from nnunet_landmark.metrics import json_ready, paired_wilcoxon, summarize
 from nnunet_landmark.evaluation.study import PAPER
 from nnunet_landmark.evaluation.study.crossval import (RawDataset, evaluate_fold_cases, find_folds, read_splits,
                                                        reported, summary_from_rows, write_crossval_files,
                                                        write_qc_figures)
 from nnunet_landmark.evaluation.tables import comparison_markdown
+from nnunet_landmark.layout import atomic_write_json, atomic_write_text
 
 # landmark-error methods: key in the per-case rows -> name shown in tables and plots
 ERROR_METHODS = {
@@ -153,8 +153,8 @@ def compare_to_plain(landmark_results_folder: str | os.PathLike, plain_results_f
     if qc:
         comparison["qc_pngs"] = write_qc_figures(landmark_rows, output / "qc", lv_label, landmark, "landmark model",
                                                  progress, comparison_qc_points(plain_by_key))
-    (output / "comparison.json").write_text(json.dumps(json_ready(comparison), indent=2) + "\n")
-    (output / "comparison.md").write_text(comparison_markdown(comparison, output))
+    atomic_write_json(json_ready(comparison), output / "comparison.json")
+    atomic_write_text(output / "comparison.md", comparison_markdown(comparison, output))
     comparison["landmark_crossval"] = landmark_crossval
     comparison["output_folder"] = str(output)
     return comparison

@@ -25,10 +25,11 @@ import numpy as np
 
 from nnunet_landmark.evaluation.baselines import BaselineError, apex_from_segmentation, fit_mean_positions
 from nnunet_landmark.evaluation.folder import EvaluationError, RawDataset, evaluate_folder, find_cases
-from nnunet_landmark.evaluation.metrics import json_ready, landmark_error_mm, summarize_columns
+from nnunet_landmark.metrics import json_ready, landmark_error_mm, summarize_columns
 from nnunet_landmark.evaluation.study import PAPER
 from nnunet_landmark.evaluation.tables import crossval_columns, write_crossval_tables
 from nnunet_landmark.geometry import ImageGeometry
+from nnunet_landmark.layout import atomic_write_json
 
 
 def find_folds(results_folder: str | os.PathLike) -> list[int]:
@@ -176,7 +177,7 @@ def crossval_summary(results_folder: str | os.PathLike, raw_dataset_folder: str 
 
 def write_crossval_files(summary: Mapping, output: Path) -> None:
     """``crossval_summary.json`` and the tables (``.csv``, ``.md``)."""
-    (output / "crossval_summary.json").write_text(json.dumps(json_ready(summary), indent=2) + "\n")
+    atomic_write_json(json_ready(summary), output / "crossval_summary.json")
     write_crossval_tables(summary, output)
 
 

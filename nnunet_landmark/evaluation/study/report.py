@@ -12,6 +12,7 @@ from typing import Mapping, Sequence
 
 from nnunet_landmark.evaluation.study import PAPER
 from nnunet_landmark.evaluation.tables import comparison_tables, format_number, table2_markdown
+from nnunet_landmark.layout import atomic_write_text
 
 
 def _image(path: str | os.PathLike, output: Path, caption: str) -> str:
@@ -75,5 +76,5 @@ def write_report(output_folder: str | os.PathLike, crossval_results: Mapping, co
         for path in qc_pngs:
             lines += [_image(path, output, Path(path).stem), ""]
     report = output / "report.md"
-    report.write_text("\n".join(lines).rstrip() + "\n")
+    atomic_write_text(report, "\n".join(lines).rstrip() + "\n")
     return report
