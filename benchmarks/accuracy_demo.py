@@ -30,7 +30,9 @@ sys.path.insert(0, str(HERE.parent))
 
 def evaluate_run(folder: Path) -> dict:
     """Rows of one demo output folder: {"landmark": [...], "plain": [...]} per unseen case."""
-    from nnunet_landmark.demo import DATASET, LANDMARKS, evaluate_test_set
+    from nnunet_landmark.demo import DATASET
+    from nnunet_landmark.evaluation.study.test_set import evaluate_test_set
+    from nnunet_landmark.mmwhs import LANDMARKS
     from nnunet_landmark.evaluation.baselines import fit_mean_positions
     from nnunet_landmark.landmark_files import read_landmark_csv, read_landmark_table
 
@@ -54,11 +56,11 @@ def evaluate_run(folder: Path) -> dict:
 
 def stats(values, digits: int = 2) -> str:
     """mean / median / max; a rule that found no structure (NaN) is left out and counted."""
-    v = np.asarray(values, dtype=float)
-    missing = int(np.isnan(v).sum())
-    v = v[~np.isnan(v)]
-    text = f"{v.mean():.{digits}f} / {np.median(v):.{digits}f} / {v.max():.{digits}f}"
-    return text + (f" ({missing} without the structure)" if missing else "")
+    from nnunet_landmark.metrics import format_summary
+
+    missing = int(np.isnan(np.asarray(values, dtype=float)).sum())
+    return format_summary(values, "mean_median_max", digits) + (f" ({missing} without the structure)" if missing
+                                                                  else "")
 
 
 def group_markdown(label: str, runs: list[tuple[str, dict]]) -> str:

@@ -45,7 +45,7 @@ MODELS = {  # name: (cpu trainer, cuda trainer)
 def decode_variants(predictor, case_data, properties, heads) -> dict:
     """World apex positions of one case for every decoder variant of the model's encoding."""
     from nnunet_landmark.geometry import CaseGeometry
-    from nnunet_landmark.heatmap import decode_heatmap
+    from nnunet_landmark.heatmap_decoding import decode_heatmap
     from nnunet_landmark.inference import reliable_sliding_window_region
 
     import torch
@@ -76,7 +76,7 @@ def main() -> None:
     import torch
     from nnunet_landmark.demo import PROGRESS
     from nnunet_landmark.evaluation.baselines import apex_from_segmentation, fit_mean_positions
-    from nnunet_landmark.evaluation.metrics import dice, landmark_error_mm
+    from nnunet_landmark.metrics import dice, landmark_error_mm
     from nnunet_landmark.geometry import ImageGeometry
     from nnunet_landmark.landmark_files import read_markups
     from nnunet_landmark.phantom_dataset import prepare_phantom_dataset, run_console_script
@@ -155,6 +155,8 @@ def main() -> None:
                ("tip_plain", "geometric tip of plain nnU-Net's predicted LV"),
                ("tip_log_distance", "geometric tip of the landmark model's predicted LV"),
                ("mean_position", "mean apex position of the training cases")]
+    from nnunet_landmark.metrics import format_summary
+
     lines = ["# Accuracy study on synthetic phantoms (the paper's protocol)", "",
              f"{len(rows)} held-out phantoms in folds {args.folds} of 10 (18 training / 2 held out each), "
              f"device `{args.device}`, configuration `{configuration}`, trainers "
@@ -164,11 +166,11 @@ def main() -> None:
              "| apex localisation | mean ± SD (mm) | median | max |", "|---|---|---|---|"]
     for key, label in columns:
         v = np.asarray([r[key] for r in rows])
-        lines.append(f"| {label} | {v.mean():.2f} ± {v.std(ddof=1):.2f} | {np.median(v):.2f} | {v.max():.2f} |")
+        lines.append(f"| {label} | {format_summary(v, 'mean_sd')} | {np.median(v):.2f} | {v.max():.2f} |")
     lines += ["", "| LV Dice | mean ± SD | min |", "|---|---|---|"]
     for name in MODELS:
         v = np.asarray([r[f"dice_{name}"] for r in rows])
-        lines.append(f"| {name} | {v.mean():.3f} ± {v.std(ddof=1):.3f} | {v.min():.3f} |")
+        lines.append(f"| {name} | {format_summary(v, 'mean_sd', 3)} | {v.min():.3f} |")
     lines += ["", "Per held-out case (mm unless Dice):", "", "| fold | case | " + " | ".join(k for k, _ in columns) +
               " | Dice log | Dice gauss | Dice plain |", "|" + "---|" * (len(columns) + 5)]
     for r in rows:

@@ -49,7 +49,7 @@ def scenario(name: str) -> dict:
     """Plans (landmark and plain), properties and the preprocessed shape of one synthetic full-size case."""
     from nnunetv2.preprocessing.resampling.default_resampling import compute_new_shape
 
-    from nnunet_landmark.cpu_plans import default_resampling
+    from nnunet_landmark.nnunet_integration import default_resampling
 
     if name == "native":
         shape, spacing, transpose_forward = (300, 512, 512), (0.6, 0.43, 0.43), [0, 1, 2]
@@ -95,7 +95,7 @@ def scenario(name: str) -> dict:
 
 def write_inputs(name: str, folder: Path, seed: int = 0) -> dict:
     """The logits of one case as .npy files: C + K channels (landmark model) and the same C alone (plain)."""
-    from nnunet_landmark.heatmap import HeatmapEncoding
+    from nnunet_landmark.heatmap_targets import HeatmapEncoding
 
     case = scenario(name)
     shape, spacing = case["preprocessed_shape"], np.asarray(case["target_spacing"])

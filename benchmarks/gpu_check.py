@@ -65,7 +65,7 @@ def machine() -> str:
 def _one_phantom(args: tuple) -> list[str]:
     """Write phantom ``n`` into its own folder (processes run in parallel); its CSV rows."""
     folder, n, seed, size = args
-    from nnunet_landmark.phantoms import write_mmwhs_phantoms
+    from nnunet_landmark.phantom_families import write_mmwhs_phantoms
     part = Path(folder) / f"part{n}"
     write_mmwhs_phantoms(part, 1, seed=seed + n, size=size, first_case=1001 + n, progress=False)
     for f in (part / "ct_train").iterdir():
@@ -176,7 +176,7 @@ def agreement_worker(configuration: str, case_image: str, crop_center: list, dev
     from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
     from nnunetv2.inference.data_iterators import PreprocessAdapterFromNpy
 
-    from nnunet_landmark.evaluation.metrics import landmark_error_mm
+    from nnunet_landmark.metrics import landmark_error_mm
     from nnunet_landmark.inference import decode_landmarks, reliable_sliding_window_region
     from nnunet_landmark.predictor import nnUNetLandmarkPredictor
     from nnunet_landmark.results_folder import results_folder

@@ -41,11 +41,11 @@ def environment() -> dict:
 def prepare(cases: int) -> None:
     """MM-WHS-size phantoms, converted with 1 and 3 landmarks, planned and preprocessed (cached)."""
     from nnunet_landmark.phantom_dataset import prepare_phantom_dataset
-    from nnunet_landmark.phantoms import LANDMARK_NAMES
+    from nnunet_landmark.mmwhs import LANDMARKS
 
     phantoms = WORKDIR / "mmwhs"
     # the landmarks' sphere masks, one folder each
-    annotations = [f"{n}={phantoms / n}" if n != "apex" else str(phantoms / "apex") for n in LANDMARK_NAMES]
+    annotations = [f"{n}={phantoms / n}" if n != "apex" else str(phantoms / "apex") for n in LANDMARKS]
     for dataset_id, name, landmarks in DATASETS.values():
         # one process: a 512 x 512 x 300 case needs several GiB while it is resampled
         prepare_phantom_dataset(environment(), dataset_id, phantoms, name=name, landmarks=landmarks, folds=2,
@@ -98,7 +98,7 @@ def legacy_generate_train_batch(loader, valid_mask: bool = False) -> dict:
     """
     import torch
 
-    from nnunet_landmark.heatmap import render_heatmaps
+    from nnunet_landmark.heatmap_targets import render_heatmaps
 
     background = np.float32(loader.encoding.background)
     pipeline, heatmaps = loader.transforms, []
@@ -138,7 +138,7 @@ def measure(k: int, batches: int) -> dict:
     """
     import torch
 
-    from nnunet_landmark.heatmap import render_heatmaps_mapped
+    from nnunet_landmark.heatmap_targets import render_heatmaps_mapped
 
     torch.set_num_threads(1)  # one worker, one thread: grid_sample would otherwise use both cores
     landmark, plain = loaders(k)

@@ -97,7 +97,7 @@ PHASES = [
 # ----------------------------------------------------------------------------------------------- set-up
 def plans() -> dict:
     """Plain nnU-Net plans: one 3d_fullres configuration at MM-WHS ResEnc-M spacing and patch, a tiny network."""
-    from nnunet_landmark.cpu_plans import default_resampling
+    from nnunet_landmark.nnunet_integration import default_resampling
 
     n = len(FEATURES)
     resampling = default_resampling()
@@ -152,7 +152,7 @@ def make_models(results: Path) -> dict[str, Path]:
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
-    from nnunet_landmark.heatmap import HeatmapEncoding
+    from nnunet_landmark.heatmap_targets import HeatmapEncoding
     from nnunet_landmark.landmark_heads import LandmarkHeads, set_position_prior
     from nnunet_landmark.layout import atomic_write_json
     from nnunet_landmark.training.trainers import nnUNetTrainerLandmark

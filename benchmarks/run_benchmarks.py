@@ -182,7 +182,8 @@ def prediction_benchmark(env: dict, configuration: str, device: str, workdir: Pa
 
 
 def decode_benchmark() -> dict:
-    from nnunet_landmark.heatmap import HeatmapEncoding, decode_heatmap, render_heatmaps
+    from nnunet_landmark.heatmap_targets import HeatmapEncoding, render_heatmaps
+    from nnunet_landmark.heatmap_decoding import decode_heatmap
 
     shape = (300, 512, 512)
     encoding = HeatmapEncoding("log_distance", max_distance_mm=300.0, scale_mm=20.0)

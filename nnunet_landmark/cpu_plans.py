@@ -15,20 +15,6 @@ import numpy as np
 from nnunet_landmark.layout import atomic_write_json
 
 
-def default_resampling() -> dict:
-    """The resampling entries of a configuration as nnU-Net's default planner writes them into plans.json (function
-    names and keyword arguments, for data, segmentations and probabilities), for plans built by hand."""
-    from nnunetv2.experiment_planning.experiment_planners.default_experiment_planner import ExperimentPlanner
-
-    # both methods ignore the planner's state (nnunetv2 2.8.1): no dataset is needed to ask them
-    data, data_kwargs, seg, seg_kwargs = ExperimentPlanner.determine_resampling(None)
-    probabilities, probabilities_kwargs = ExperimentPlanner.determine_segmentation_softmax_export_fn(None)
-    return {"resampling_fn_data": data.__name__, "resampling_fn_data_kwargs": data_kwargs,
-            "resampling_fn_seg": seg.__name__, "resampling_fn_seg_kwargs": seg_kwargs,
-            "resampling_fn_probabilities": probabilities.__name__,
-            "resampling_fn_probabilities_kwargs": probabilities_kwargs}
-
-
 def small_configuration(plans: dict, base: str = "3d_fullres", patch_size: Sequence[int] = (32, 32, 32),
                         features_per_stage: Sequence[int] = (16, 32, 64, 128), batch_size: int = 2) -> dict:
     """A configuration dict inheriting from ``base`` with a smaller patch and network."""

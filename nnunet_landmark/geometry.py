@@ -153,6 +153,10 @@ class PreprocessedGeometry:
         """
         from nnunetv2.preprocessing.resampling.default_resampling import compute_new_shape
 
+        from nnunet_landmark.nnunet_integration import case_properties
+
+        properties = case_properties(properties, ("spacing", "bbox_used_for_cropping",
+                                                  "shape_after_cropping_and_before_resampling"))
         tf = tuple(int(i) for i in transpose_forward)
         old_shape = tuple(int(i) for i in properties["shape_after_cropping_and_before_resampling"])
         spacing_transposed = [float(original_spacing_zyx[i]) for i in tf]

@@ -19,9 +19,9 @@ from conftest import run_cli, shared_data
 from nnunet_landmark.dataset_conversion import convert_mmwhs
 from nnunet_landmark.dataset_conversion.convert_mmwhs import convert, derive_apex, main
 from nnunet_landmark.geometry import ImageGeometry
-from nnunet_landmark.heatmap import HeatmapEncoding
+from nnunet_landmark.heatmap_targets import HeatmapEncoding
 from nnunet_landmark.landmark_files import read_markups, write_landmark_csv, write_markups
-from nnunet_landmark.phantoms import write_mmwhs_phantoms
+from nnunet_landmark.phantom_families import write_mmwhs_phantoms
 from nnunet_landmark.raw_dataset import DatasetError, read_dataset_landmarks
 
 DATASET = "Dataset801_MMWHS_LVApex"

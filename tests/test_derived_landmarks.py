@@ -14,7 +14,8 @@ from nnunet_landmark.dataset_conversion.convert_mmwhs import DERIVATION_RULES, d
 from nnunet_landmark.geometry import ImageGeometry
 from nnunet_landmark.label_landmarks import InterfaceCentre, LabelRuleError, derive_landmarks, interface_centre
 from nnunet_landmark.landmark_files import read_markups
-from nnunet_landmark.phantoms import generate_phantom, write_mmwhs_phantoms
+from nnunet_landmark.phantom_families import write_mmwhs_phantoms
+from nnunet_landmark.phantoms import generate_phantom
 from nnunet_landmark.raw_dataset import DatasetError
 
 THREE = ["apex", "mitral_valve", "aortic_valve"]
@@ -75,9 +76,11 @@ def test_rules_match_independent_references_on_real_mmwhs_labels(real_labels):
         assert list(derived) == THREE
         reference = {name: reference_interface_centre(image, *labels) for name, labels in VALVES.items()}
         reference["apex"] = reference_apex(image, reference["mitral_valve"])
-        for name in THREE:
+        # measured: mitral / aortic / apex 1.21 / 0.79 / 0.00 mm (1002), 0.65 / 0.30 / 0.00 mm (1005): the valves' two
+        # definitions of an interface's centre differ by up to a voxel, the apex's agree
+        for name, bound in {"apex": 0.5, "mitral_valve": 2.0, "aortic_valve": 2.0}.items():
             error = np.linalg.norm(derived[name] - reference[name])
-            assert error < 3.0, f"{case} {name}: rule {derived[name]} vs reference {reference[name]}: {error:.2f} mm"
+            assert error < bound, f"{case} {name}: rule {derived[name]} vs reference {reference[name]}: {error:.2f} mm"
         # anatomy: the apex lies left (+x), anterior (-y) and inferior (-z) of the mitral valve, 70-100 mm away
         d = derived["apex"] - derived["mitral_valve"]
         assert d[0] > 0 and d[1] < 0 and d[2] < 0, f"{case}: apex - mitral valve = {d}"

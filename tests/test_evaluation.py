@@ -21,7 +21,7 @@ from scipy import ndimage, stats
 from nnunet_landmark.evaluation.baselines import apex_from_segmentation
 from nnunet_landmark.evaluation.cli import compare_entry_point, crossval_entry_point, evaluate_entry_point
 from nnunet_landmark.evaluation.folder import EvaluationError, evaluate_folder
-from nnunet_landmark.evaluation.metrics import dice, dice_per_label, paired_wilcoxon, score_case, summarize
+from nnunet_landmark.metrics import dice, dice_per_label, paired_wilcoxon, score_case, summarize
 from nnunet_landmark.evaluation.plots import qc_figure
 from nnunet_landmark.evaluation.study.compare import compare_to_plain
 from nnunet_landmark.evaluation.study.crossval import crossval_summary

@@ -10,7 +10,6 @@ hooks inside it, so our installed copy's start hook does not run there and only 
 import os
 import shutil
 import subprocess
-import sys
 import sysconfig
 import textwrap
 import venv
@@ -86,6 +85,9 @@ def test_trainer_lookup_and_console_scripts(tmp_path, editable):
     package = Path(result["package_file"]).resolve()
     # editable: the code a developer edits is the code that runs; wheel: the installed copy, not the checkout
     assert (package.is_relative_to(Path(result["source"]).resolve())) == editable, package
-    assert Path(result["converter_file"]).resolve().parent.parent == package.parent
+    # the converters' source is the checkout's top-level dataset_conversion/; a wheel carries them in the package
+    converter = Path(result["converter_file"]).resolve()
+    expected = Path(result["source"]).resolve() / "dataset_conversion" if editable else package.parent / "dataset_conversion"
+    assert converter.parent == expected, converter
     code, text = result["converter_help"]
     assert code == 0 and "nnUNetv2_convert_MMWHS" in text, text

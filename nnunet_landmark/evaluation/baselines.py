@@ -178,7 +178,7 @@ class MeanPositionBaseline:
         return image_centre(geometry) + offset
 
 
-def leave_one_out_errors(cases: Sequence[tuple[ImageGeometry, Sequence[float]]],
+def mean_position_leave_one_out_errors(cases: Sequence[tuple[ImageGeometry, Sequence[float]]],
                          frame: OffsetFrame = "world") -> np.ndarray:
     """Error (mm) of the mean-position baseline on each case when fitted on all the others."""
     errors = []

@@ -24,13 +24,12 @@ import numpy as np
 import SimpleITK as sitk
 from tqdm import tqdm
 
-from nnunet_landmark.evaluation.metrics import LabelOrRegion, json_ready, score_case, summarize
+from nnunet_landmark.metrics import LabelOrRegion, json_ready, score_case, summarize
 from nnunet_landmark.evaluation.tables import write_evaluation_csv
 from nnunet_landmark.geometry import ImageGeometry
-from nnunet_landmark.landmark_files import (LandmarkFileError, read_landmark_csv, read_landmark_table,
-                                            read_markups)
+from nnunet_landmark.landmark_files import LandmarkFileError, read_landmark_csv, read_landmark_table, read_markups
 from nnunet_landmark.layout import LANDMARK_TABLE as PREDICTED_LANDMARK_TABLE
-from nnunet_landmark.layout import LANDMARKS_FOLDER, MARKUPS_SUFFIX
+from nnunet_landmark.layout import LANDMARKS_FOLDER, MARKUPS_SUFFIX, atomic_write_json
 
 CaseHook = Callable[[str, np.ndarray, ImageGeometry], Mapping]
 
@@ -147,7 +146,7 @@ def read_predicted_landmarks(prediction_folder: Path, case: str, table: Mapping 
             confidences[row["name"]] = float("nan")
     path = prediction_folder / f"{case}{MARKUPS_SUFFIX}"
     if path.is_file():
-        return read_markups(path), confidences
+        return read_markups(path, flagged=True), confidences
     if rows:
         return OrderedDict((r["name"], np.array([r["x"], r["y"], r["z"]])) for r in rows), confidences
     raise EvaluationError(f"{path}: missing (and no rows for '{case}' in {prediction_folder / PREDICTED_LANDMARK_TABLE}). "
@@ -299,7 +298,7 @@ def write_evaluation(results: Mapping, output_prefix: str | os.PathLike) -> tupl
     prefix.parent.mkdir(parents=True, exist_ok=True)
     json_path = prefix.with_name(prefix.name + ".json")
     csv_path = prefix.with_name(prefix.name + ".csv")
-    json_path.write_text(json.dumps(json_ready(results), indent=2) + "\n")
+    atomic_write_json(json_ready(results), json_path)
     write_evaluation_csv(results, csv_path)
     return json_path, csv_path
 

@@ -23,7 +23,7 @@ import numpy as np  # noqa: E402
 import SimpleITK as sitk  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 
-from nnunet_landmark.evaluation.metrics import dice, landmark_error_mm  # noqa: E402
+from nnunet_landmark.metrics import dice, landmark_error_mm  # noqa: E402
 from nnunet_landmark.evaluation.tables import format_number, wilcoxon_text  # noqa: E402
 from nnunet_landmark.geometry import ImageGeometry  # noqa: E402
 from nnunet_landmark.landmark_files import read_image_3d  # noqa: E402

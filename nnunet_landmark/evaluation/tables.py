@@ -15,6 +15,8 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from nnunet_landmark.layout import atomic_write_text
+
 STATISTICS = ("mean", "sd", "median", "min", "max")
 CROSSVAL_CASE_COLUMNS = ("fold", "case", "dice", "error_mm", "confidence", "geometric_tip_error_mm",
                          "mean_position_error_mm")
@@ -161,7 +163,7 @@ def write_crossval_tables(summary: Mapping, output: Path) -> None:
     text = (f"# Cross-validation: {summary['results_folder']}\n\n"
             f"{len(summary['per_case'])} held-out images in {len(summary['folds'])} fold(s) "
             f"({', '.join(str(f) for f in summary['folds'])}).\n\n" + table2_markdown(summary))
-    (output / "crossval_summary.md").write_text(text)
+    atomic_write_text(output / "crossval_summary.md", text)
 
 
 # ---------------------------------------------------------------------------------------------- comparison

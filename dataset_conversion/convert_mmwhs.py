@@ -14,14 +14,12 @@ every landmark is derived. Every input is read and checked before anything is wr
 from __future__ import annotations
 
 import argparse
-import difflib
 import gzip
 import json
 import os
 import re
 import shutil
 import sys
-import zlib
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,23 +28,18 @@ import numpy as np
 import SimpleITK as sitk
 from tqdm import tqdm
 
+from nnunet_landmark.annotations import AnnotationSource, missing_annotation_hints, near_matches, report_unknown_cases
 from nnunet_landmark.geometry import ImageGeometry
-from nnunet_landmark.heatmap import HeatmapEncoding, render_heatmaps
+from nnunet_landmark.heatmap_targets import HeatmapEncoding, render_heatmaps
 from nnunet_landmark.label_landmarks import (FarthestPoint, InterfaceCentre, LabelRuleError, derive_landmarks,
                                              distance_to_labels_mm, distance_to_points_mm, interface_voxels)
-from nnunet_landmark.landmark_files import (LandmarkFileError, read_landmark_csv, read_landmark_table, read_markups,
-                                            read_sphere_mask)
+from nnunet_landmark.landmark_files import (LandmarkFileError)
+from nnunet_landmark.input_checks import check_image_and_label, check_writable_root
 from nnunet_landmark.layout import SPLITS_FILE, check_landmark_names
+from nnunet_landmark.mmwhs import ASCENDING_AORTA, LEFT_ATRIUM, LV_CAVITY, LV_MYOCARDIUM, STRUCTURE_NAMES, STRUCTURES
 from nnunet_landmark.raw_dataset import (DatasetError, dataset_folder_name, install_splits, kfold_splits,
                                          make_dataset_json, save_json, staged_dataset_folder, write_case_landmarks)
 
-# MM-WHS CT label values
-MMWHS_VALUES = OrderedDict([
-    ("LV_blood_cavity", 500), ("LV_myocardium", 205), ("LA", 420), ("RA", 550), ("RV", 600),
-    ("ascending_aorta", 820), ("pulmonary_artery", 850),
-])
-MMWHS_LABEL_NAMES = {value: name for name, value in MMWHS_VALUES.items()}
-LV_CAVITY, LV_MYOCARDIUM, LEFT_ATRIUM, ASCENDING_AORTA = 500, 205, 420, 820
 CASE_PATTERN = re.compile(r"^(?P<case>.+)_image\.nii(\.gz)?$")
 LABEL_PATTERN = re.compile(r"^(?P<case>.+)_label\.nii(\.gz)?$")
 
@@ -76,23 +69,8 @@ STRUCTURE_CHECKS = {  # landmark -> (what, labels of the structure or an interfa
                      InterfaceCentre(LV_CAVITY, ASCENDING_AORTA), MAX_VALVE_DISTANCE_FROM_INTERFACE_MM),
 }
 
-# A chest CT in HU always holds air or lung (< -500) and contrast blood or bone (> 100). Outside that the file
-# is probably not in HU (raw scanner values without rescale slope/intercept, a normalised image, or MR), and
-# nnU-Net's CT normalisation would clip it to a meaningless range.
-CT_MIN_BELOW_HU, CT_MAX_ABOVE_HU = -500.0, 100.0
-
-
 def warn(message: str) -> None:
     print(f"nnUNetv2_convert_MMWHS: warning: {message}", file=sys.stderr)
-
-
-def near_matches(name: str, candidates, n: int = 3) -> list[str]:
-    return difflib.get_close_matches(name, sorted(candidates), n=n, cutoff=0.6)
-
-
-def _shown(names, limit: int = 10) -> str:
-    names = sorted(names)
-    return str(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
 @dataclass
@@ -145,99 +123,6 @@ def discover_cases(ct_train_dir: Path, skip_missing: bool = False) -> "OrderedDi
     return cases
 
 
-def check_nifti_complete(path: Path) -> None:
-    """Raise if a NIfTI file holds fewer voxel bytes than its header promises, or its gzip stream is broken.
-
-    ITK reads a truncated file (an interrupted download) without complaint and fills the rest with zeros.
-    """
-    import nibabel
-
-    try:
-        header = nibabel.load(str(path)).header
-        expected = int(header.get_data_offset()) + int(np.prod(header.get_data_shape(), dtype=np.int64)) \
-            * header.get_data_dtype().itemsize
-    except Exception as e:  # nibabel raises many types for a broken header
-        raise DatasetError(f"{path}: cannot read the NIfTI header ({e})") from e
-    if str(path).endswith(".gz"):
-        size = 0
-        try:
-            with gzip.open(path, "rb") as f:
-                while chunk := f.read(1 << 24):
-                    size += len(chunk)
-        except (OSError, EOFError, zlib.error) as e:
-            raise DatasetError(f"{path}: truncated or corrupt gzip data ({e}); download or export it again") from e
-    else:
-        size = os.path.getsize(path)
-    if size < expected:
-        raise DatasetError(f"{path}: truncated: {size} bytes where the header needs {expected}; download or "
-                           f"export it again")
-
-
-def _read_voxels(path: Path) -> np.ndarray:
-    try:
-        return sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
-    except RuntimeError as e:
-        raise DatasetError(f"{path}: unreadable ({str(e).strip().splitlines()[-1]})") from e
-
-
-def check_image_voxels(path: Path) -> None:
-    """Raise on NaN or infinite voxels; warn where the values do not look like HU.
-
-    Read with nibabel: SimpleITK's NIfTI reader turns NaN and infinity into 0 without a word, so nnU-Net's
-    default reader would train on 0 HU (water) there, and a nibabel-based reader on NaN.
-    """
-    import nibabel
-
-    try:
-        array = np.asarray(nibabel.load(str(path)).dataobj)
-    except Exception as e:  # nibabel raises many types for a broken file
-        raise DatasetError(f"{path}: cannot read the voxels ({e})") from e
-    if array.dtype.kind == "f":
-        bad = int(array.size - np.count_nonzero(np.isfinite(array)))
-        if bad:
-            raise DatasetError(f"{path}: {bad} of {array.size} voxels are NaN or infinite; fix or re-export the "
-                               f"image (e.g. replace them with -1024 HU, air)")
-    low, high = float(array.min()), float(array.max())
-    if low > CT_MIN_BELOW_HU or high < CT_MAX_ABOVE_HU:
-        warn(f"{path}: values {low:g} to {high:g} do not look like CT in Hounsfield units (a chest CT holds air or "
-             f"lung below {CT_MIN_BELOW_HU:g} and blood or bone above {CT_MAX_ABOVE_HU:g}); check the rescale "
-             f"slope/intercept or the modality")
-
-
-def check_image_and_label(item: CaseInput, allowed_values: set[int]) -> np.ndarray:
-    """Read headers, check both files hold all their voxels, read every label value; return the labels (z, y, x)."""
-    try:
-        item.geometry = ImageGeometry.from_file(item.image)
-        label_geometry = ImageGeometry.from_file(item.label)
-    except ValueError as e:  # names the file
-        raise DatasetError(str(e)) from e
-    if not item.geometry.same_grid_as(label_geometry):
-        def describe(g: ImageGeometry) -> str:
-            return (f"size {g.size}, spacing {np.round(g.spacing, 4).tolist()}, origin {np.round(g.origin, 2).tolist()}"
-                    f", direction {np.round(g.direction, 4).tolist()}")
-        raise DatasetError(f"{item.label}: its grid differs from the image {item.image.name} (label "
-                           f"{describe(label_geometry)}; image {describe(item.geometry)}); the label must be drawn "
-                           f"on the image's grid (resample it onto the image)")
-    # the image is copied byte for byte: a truncated or corrupt file must stop us here
-    check_nifti_complete(item.image)
-    check_nifti_complete(item.label)
-    check_image_voxels(item.image)
-    label = _read_voxels(item.label)
-    unique = np.unique(label)
-    if unique.dtype.kind == "f" and not np.all(unique == np.round(unique)):
-        raise DatasetError(f"{item.label}: holds non-integer label values "
-                           f"{unique[unique != np.round(unique)][:5].tolist()}; a label map needs integer values")
-    values = set(int(v) for v in unique)
-    unexpected = sorted(values - allowed_values)
-    if unexpected:
-        counts = {v: int((label == v).sum()) for v in unexpected[:10]}
-        raise DatasetError(f"{item.label}: label values {unexpected} are not MM-WHS labels "
-                           f"{sorted(allowed_values)} (voxel counts {counts}); fix or remap them first")
-    if LV_CAVITY not in values:
-        raise DatasetError(f"{item.label}: no LV blood cavity (label {LV_CAVITY})")
-    return label
-
-
 def derive_apex(label: np.ndarray, geometry: ImageGeometry) -> tuple[np.ndarray, np.ndarray]:
     """(apex, mitral valve centre) in LPS mm from an MM-WHS label map, by ``DERIVATION_RULES``.
 
@@ -253,7 +138,7 @@ def derive_mmwhs_landmarks(label: np.ndarray, geometry: ImageGeometry,
                            names: list[str]) -> "OrderedDict[str, np.ndarray]":
     """The landmarks ``names`` (LPS mm) by ``DERIVATION_RULES``; DatasetError where the labels do not define one."""
     try:
-        return derive_landmarks(label, geometry, DERIVATION_RULES, names, MMWHS_LABEL_NAMES)
+        return derive_landmarks(label, geometry, DERIVATION_RULES, names, STRUCTURE_NAMES)
     except LabelRuleError as e:
         raise DatasetError(str(e)) from e
 
@@ -286,104 +171,6 @@ def check_plausible(item: "CaseInput", label: np.ndarray) -> None:
                                    f"expected (x and y negated)?")
 
 
-class AnnotationSource:
-    """One ``-a`` argument: sphere masks, a CSV or markups, for one or several landmark names."""
-
-    def __init__(self, spec: str, default_name: str = "apex"):
-        name, sep, path = spec.partition("=")
-        if sep and not os.path.exists(spec):
-            self.name, self.path = name, Path(path)
-        else:
-            self.name, self.path = None, Path(spec)
-        self.default_name = self.name or default_name
-        if not self.path.exists():
-            raise DatasetError(f"{self.path}: annotation path does not exist")
-        try:
-            self._table = None
-            if self.path.is_file() and self.path.suffix == ".csv":
-                # a CSV with only its header holds no case, like an empty folder (the cases may all be derived)
-                self._table = read_landmark_csv(self.path) if read_landmark_table(self.path) else OrderedDict()
-        except LandmarkFileError as e:
-            raise DatasetError(str(e)) from e
-        self.files: dict[str, Path] = {}  # case -> the file the last ``get`` read
-        self.notes: dict[str, str] = {}  # case -> why a file there gave none of the landmarks asked for
-
-    def case_names(self) -> set[str]:
-        """The cases this source holds annotations for (CSV rows; file names in a folder)."""
-        if self._table is not None:
-            return set(self._table)
-        if not self.path.is_dir():
-            return set()
-        names = set()
-        for p in self.path.iterdir():
-            for suffix in (".mrk.json", f"_{self.default_name}.nii.gz", f"_{self.default_name}.nii", ".nii.gz", ".nii"):
-                if p.name.endswith(suffix):
-                    names.add(p.name[:-len(suffix)])
-                    break
-        return names
-
-    def get(self, case: str, names: list[str], geometry: ImageGeometry) -> "OrderedDict[str, np.ndarray]":
-        """The landmarks among ``names`` this source has for ``case`` (possibly none)."""
-        self.files[case] = self.path
-        return self._get(case, names, geometry)
-
-    def _get(self, case: str, names: list[str], geometry: ImageGeometry) -> "OrderedDict[str, np.ndarray]":
-        if self._table is not None:
-            return OrderedDict((n, p) for n, p in self._table.get(case, {}).items() if n in names)
-        if self.path.is_file():
-            raise DatasetError(f"{self.path}: unknown annotation file type; use a .csv, or a folder of sphere "
-                               f"masks or .mrk.json files")
-        markups = self.path / f"{case}.mrk.json"
-        if markups.exists():
-            self.files[case] = markups
-            points = read_markups(markups)
-            if len(points) == 1 and self.default_name in names and self.default_name not in points:
-                return OrderedDict([(self.default_name, next(iter(points.values())))])
-            if any(n not in points for n in names):
-                default = all(re.fullmatch(r"F[-_ ]?\d+", n) for n in points)
-                self.notes[case] = (f"{markups} holds control points labelled {list(points)}"
-                                    + (" (Slicer's default labels)" if default else "")
-                                    + f"; label each point with its landmark name ({names}) in Slicer's Markups "
-                                      f"module or in the file's \"label\" fields")
-            return OrderedDict((n, p) for n, p in points.items() if n in names)
-        if self.default_name not in names:
-            return OrderedDict()
-        for candidate in (f"{case}_{self.default_name}.nii.gz", f"{case}.nii.gz", f"{case}_{self.default_name}.nii",
-                          f"{case}.nii"):
-            mask = self.path / candidate
-            if mask.exists():
-                self.files[case] = mask
-                return OrderedDict([(self.default_name, read_sphere_mask(mask, geometry))])
-        return OrderedDict()
-
-
-def report_unknown_cases(sources: list[AnnotationSource], cases) -> None:
-    """Warn about annotations for cases that are not in ct_train (a misspelt name, or another release)."""
-    for source in sources:
-        unknown = sorted(source.case_names() - set(cases))
-        if unknown:
-            hints = {u: near_matches(u, cases, 1) for u in unknown[:10]}
-            warn(f"{source.path} holds annotations for {len(unknown)} case(s) not in the images folder, ignored: "
-                 + ", ".join(f"{u}" + (f" (did you mean {h[0]}?)" if h else "") for u, h in hints.items())
-                 + (f" and {len(unknown) - 10} more" if len(unknown) > 10 else ""))
-
-
-def missing_annotation_hints(case: str, sources: list[AnnotationSource], cases) -> str:
-    """Why a case found no annotation: what the sources hold instead, with near matches of the case name."""
-    hints = []
-    for source in sources:
-        if case in source.notes:
-            hints.append(source.notes[case])
-            continue
-        held = source.case_names()
-        if case in held:
-            continue
-        close = near_matches(case, held - set(cases)) or near_matches(case, held)
-        hints.append(f"{source.path} holds {len(held)} case(s) {_shown(held)}"
-                     + (f", the nearest to {case}: {close}" if close else ""))
-    return "".join(f"; {h}" for h in hints)
-
-
 def collect_inputs(ct_train_dir: Path, sources: list[AnnotationSource], landmark_names: list[str],
                    derive: "list[str] | bool", skip_missing: bool) -> list[CaseInput]:
     """Read and check every input; raise the first problem, naming its file, before anything is written.
@@ -392,11 +179,12 @@ def collect_inputs(ct_train_dir: Path, sources: list[AnnotationSource], landmark
     """
     derive = ["apex"] if derive is True else list(derive or [])
     cases = discover_cases(ct_train_dir, skip_missing)
-    report_unknown_cases(sources, cases)
-    allowed = {0, *MMWHS_VALUES.values()}
+    report_unknown_cases(sources, cases, warn)
+    allowed = {0, *STRUCTURES.values()}
     accepted = []
     for item in tqdm(cases.values(), desc="Checking MM-WHS cases"):
-        label = check_image_and_label(item, allowed)
+        item.geometry, label = check_image_and_label(item.image, item.label, allowed, {LV_CAVITY: "LV blood cavity"},
+                                                     "MM-WHS", warn)
         for source in sources:
             try:
                 found = source.get(item.case, landmark_names, item.geometry)
@@ -443,9 +231,9 @@ def collect_inputs(ct_train_dir: Path, sources: list[AnnotationSource], landmark
 
 def nnunet_labels(all_structures: bool) -> tuple["OrderedDict[str, int]", dict[int, int]]:
     """dataset.json labels and the MM-WHS value -> nnU-Net label map. The LV blood cavity is always 1."""
-    names = list(MMWHS_VALUES) if all_structures else ["LV_blood_cavity"]
+    names = list(STRUCTURES) if all_structures else ["LV_blood_cavity"]
     labels = OrderedDict([("background", 0)] + [(n, i + 1) for i, n in enumerate(names)])
-    mapping = {MMWHS_VALUES[n]: labels[n] for n in names}
+    mapping = {STRUCTURES[n]: labels[n] for n in names}
     return labels, mapping
 
 
@@ -467,21 +255,6 @@ def write_label(source: Path, target: Path, mapping: dict[int, int]) -> None:
     result = sitk.GetImageFromArray(out)
     result.CopyInformation(image)
     sitk.WriteImage(result, str(target), useCompression=True)
-
-
-def check_writable_root(variable: str, path: str) -> None:
-    """Raise unless ``path`` is a writable folder, or can be made as one (its nearest existing parent is writable)."""
-    folder = Path(path)
-    existing = folder
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if not existing.is_dir():
-        raise DatasetError(f"{variable}={path}: {existing} is not a folder; point {variable} at a folder "
-                           f"(export {variable}=/path/to/folder)")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        where = "" if existing == folder else f" (it does not exist, and its parent {existing} is not writable)"
-        raise DatasetError(f"{variable}={path}: the folder is not writable{where}; make it writable "
-                           f"(chmod u+w) or point {variable} at a folder you can write to")
 
 
 def check_derivable(landmark_names: list[str], derive: list[str], annotations: list[str]) -> None:

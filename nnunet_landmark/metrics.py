@@ -20,7 +20,6 @@ from typing import Iterable, Mapping, Sequence, Tuple, Union
 
 import numpy as np
 
-SUMMARY_KEYS = ("mean", "sd", "median", "min", "max", "n", "n_nan")
 MIN_NONZERO_FOR_SIGNIFICANCE = 6  # the smallest two-sided signed-rank p-value is 2 / 2**n: below 0.05 from n = 6
 LabelOrRegion = Union[int, Tuple[int, ...]]
 
@@ -113,6 +112,23 @@ def summarize(values: Iterable[float | None]) -> "dict[str, float | int]":
     return {"mean": float(finite.mean()), "sd": float(finite.std(ddof=1)) if len(finite) > 1 else float("nan"),
             "median": float(np.median(finite)), "min": float(finite.min()), "max": float(finite.max()),
             "n": int(len(finite)), "n_nan": n_nan}
+
+
+SUMMARY_FORMS = {
+    "full": "{mean} ± {sd} (median {median}, max {max})",
+    "mean_sd": "{mean} ± {sd}",
+    "mean_median_max": "{mean} / {median} / {max}",
+    "mean_max": "{mean} / {max}",
+}
+
+
+def format_summary(values: Iterable[float | None], form: str = "full", digits: int = 2) -> str:
+    """The summary (``summarize``) of the finite values as text in one of ``SUMMARY_FORMS``; "n/a" without any. NaN
+    values are left out (callers say how many: ``summarize(...)["n_nan"]``)."""
+    s = summarize(values)
+    if s["n"] == 0:
+        return "n/a"
+    return SUMMARY_FORMS[form].format(**{k: f"{s[k]:.{digits}f}" for k in ("mean", "sd", "median", "max")})
 
 
 def summarize_columns(rows: Sequence[Mapping], columns: Sequence[str]) -> dict:
