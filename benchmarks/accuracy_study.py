@@ -46,7 +46,7 @@ def decode_variants(predictor, case_data, properties, heads) -> dict:
     """World apex positions of one case for every decoder variant of the model's encoding."""
     from nnunet_landmark.geometry import CaseGeometry
     from nnunet_landmark.heatmap_decoding import decode_heatmap
-    from nnunet_landmark.inference import reliable_sliding_window_region
+    from nnunet_landmark.landmark_export import reliable_sliding_window_region
 
     import torch
     logits = predictor.predict_logits_from_preprocessed_data(torch.from_numpy(case_data)).float().numpy()

@@ -127,8 +127,8 @@ def prior_alone_errors(model: Path, test_root: Path, truth: dict) -> dict:
     from nnunetv2.inference.data_iterators import PreprocessAdapterFromNpy
 
     from nnunet_landmark.metrics import landmark_error_mm
-    from nnunet_landmark.inference import decode_landmarks
-    from nnunet_landmark.position_prior import PositionPrior
+    from nnunet_landmark.landmark_export import decode_landmarks
+    from nnunet_landmark.prior.model import PositionPrior
     from nnunet_landmark.predictor import nnUNetLandmarkPredictor
 
     predictor = nnUNetLandmarkPredictor(tile_step_size=0.5, use_mirroring=False, device=torch.device("cpu"),

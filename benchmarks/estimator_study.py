@@ -6,7 +6,7 @@ expected error tracks the actual one.
 A trained model (fold 0) predicts, once, the logits of: its fold's validation cases (what the trainer measures the
 heatmap's and the prior's errors on), validation phantoms of another seed (``--validation-seed``; the rule is chosen
 on these) and the given test sets (they only confirm). Every rule in ``RULES`` then decodes the cached logits the way
-``inference.decode_landmarks`` does, with the errors measured on the fold's validation cases as the trainer records
+``landmark_export.decode_landmarks`` does, with the errors measured on the fold's validation cases as the trainer records
 them. Writes ``--output`` (markdown) with a JSON beside it and the expected-error calibration plot.
 """
 from __future__ import annotations
@@ -54,7 +54,7 @@ def cached_logits(predictor, image_file: Path, cache: Path) -> tuple[np.ndarray,
 
 def decode_all(predictor, heads, cases: dict, label_manager) -> dict:
     """{case: decode_landmarks(...)} of cached logits with ``heads``."""
-    from nnunet_landmark.inference import decode_landmarks
+    from nnunet_landmark.landmark_export import decode_landmarks
 
     c = heads.num_segmentation_heads
     return {case: decode_landmarks(logits[c:], properties, predictor.plans_manager, predictor.configuration_manager,
@@ -64,7 +64,7 @@ def decode_all(predictor, heads, cases: dict, label_manager) -> dict:
 
 def with_rule(heads, rule: str, prior_rms: dict, heatmap_rms: dict):
     """``heads`` whose priors carry the validated errors and the rule's prior covariance."""
-    from nnunet_landmark.position_prior import PRIOR_FLOOR_MM, PositionPrior
+    from nnunet_landmark.prior.model import PRIOR_FLOOR_MM, PositionPrior
 
     _, heatmap_factor, prior_kind = RULES[rule]
     priors = []
@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> None:
     from nnunet_landmark.landmark_files import read_landmark_csv, read_markups
     from nnunet_landmark.phantom_families import write_mmwhs_phantoms
     from nnunet_landmark.predictor import nnUNetLandmarkPredictor
-    from nnunet_landmark.position_prior import structure_frame
+    from nnunet_landmark.prior.model import structure_frame
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, required=True)
@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> None:
                                                                                       "heatmap_world").items()}
     prior_rms = {n: float(np.sqrt(np.nanmean(np.square(e)))) for n, e in errors_of(base, truth_val,
                                                                                     "prior_world").items()}
-    from nnunet_landmark.position_prior import affine_of, structure_moments  # noqa: F401 (frames' sizes below)
+    from nnunet_landmark.prior.model import affine_of, structure_moments  # noqa: F401 (frames' sizes below)
     for name in LANDMARKS:
         p = heads.position_priors[0].landmarks[name]
         sizes = []

@@ -147,13 +147,13 @@ def child(name: str, mode: str, probabilities: bool, folder: Path) -> dict:
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
     from nnunet_landmark import nnunet_integration
-    from nnunet_landmark.inference import export_prediction_with_landmarks, export_segmentation_from_logits
+    from nnunet_landmark.landmark_export import export_prediction_with_landmarks, export_segmentation_from_logits
 
-    from nnunet_landmark import inference
+    from nnunet_landmark import landmark_export
 
     nnunet_integration.install(export_prediction_with_landmarks)
     landmark_seconds = []
-    export_landmarks = inference.export_landmarks
+    export_landmarks = landmark_export.export_landmarks
 
     def timed_export_landmarks(*args, **kwargs):  # the landmark part alone: less exposed to load from elsewhere
         start = time.perf_counter()
@@ -162,7 +162,7 @@ def child(name: str, mode: str, probabilities: bool, folder: Path) -> dict:
         finally:
             landmark_seconds.append(time.perf_counter() - start)
 
-    inference.export_landmarks = timed_export_landmarks
+    landmark_export.export_landmarks = timed_export_landmarks
     case = scenario(name)
     plans_manager = PlansManager(case["plans"][mode])
     configuration = plans_manager.get_configuration("3d_fullres")

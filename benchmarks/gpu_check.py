@@ -177,7 +177,7 @@ def agreement_worker(configuration: str, case_image: str, crop_center: list, dev
     from nnunetv2.inference.data_iterators import PreprocessAdapterFromNpy
 
     from nnunet_landmark.metrics import landmark_error_mm
-    from nnunet_landmark.inference import decode_landmarks, reliable_sliding_window_region
+    from nnunet_landmark.landmark_export import decode_landmarks, reliable_sliding_window_region
     from nnunet_landmark.predictor import nnUNetLandmarkPredictor
     from nnunet_landmark.results_folder import results_folder
 

@@ -127,7 +127,7 @@ def plans() -> dict:
 
 def synthetic_position_prior(cases: int = 6, seed: int = 0):
     """A ``PositionPrior`` fitted to ``cases`` synthetic LV-like structures (moments) and landmarks, world mm."""
-    from nnunet_landmark.position_prior import ALL_FOREGROUND, Moments, PositionPrior
+    from nnunet_landmark.prior.model import ALL_FOREGROUND, Moments, PositionPrior
 
     rng = np.random.default_rng(seed)
     in_frame = np.array([[-45.0, 0.0, 0.0], [25.0, 3.0, 0.0], [20.0, -15.0, 10.0]])  # along the long axis first
@@ -153,7 +153,8 @@ def make_models(results: Path) -> dict[str, Path]:
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
     from nnunet_landmark.heatmap_targets import HeatmapEncoding
-    from nnunet_landmark.landmark_heads import LandmarkHeads, set_position_prior
+    from nnunet_landmark.landmark_heads import LandmarkHeads
+    from nnunet_landmark.prior.storage import set_position_prior
     from nnunet_landmark.layout import atomic_write_json
     from nnunet_landmark.training.trainers import nnUNetTrainerLandmark
 
@@ -402,7 +403,7 @@ def child_export_import(model: str) -> dict:
 
     from nnunetv2.inference import predict_from_raw_data  # noqa: F401
 
-    module = "nnunet_landmark.inference" if model == "landmark" else "nnunetv2.inference.export_prediction"
+    module = "nnunet_landmark.landmark_export" if model == "landmark" else "nnunetv2.inference.export_prediction"
     t = time.perf_counter()
     importlib.import_module(module)
     return {"seconds": {STEP_EXPORT_IMPORT: time.perf_counter() - t}}

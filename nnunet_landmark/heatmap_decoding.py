@@ -253,7 +253,7 @@ def decode_heatmap(heatmap: np.ndarray, encoding: HeatmapEncoding, spacing: Sequ
     ``heatmap`` holds values in [0, 1], or logits with ``already_sigmoid=False`` (the extremum is found on
     the logits, which is monotone in the value, and only the neighbourhood is passed through the sigmoid).
     ``valid`` (boolean, broadcastable to the heatmap, or an object that gives the mask of any box of the heatmap
-    by indexing, like ``inference.SlidingWindowRegion``) excludes voxels whose values cannot be trusted. The
+    by indexing, like ``landmark_export.SlidingWindowRegion``) excludes voxels whose values cannot be trusted. The
     extremum method makes no full-volume copy (float16 logits from nnU-Net are searched in place).
     A flat heatmap still yields a landmark (the extreme voxel), with confidence 0 and a warning.
     """

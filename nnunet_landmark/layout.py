@@ -31,6 +31,7 @@ HEATMAP_FOLDER = "heatmaps"
 LANDMARK_CACHE = "landmarksTr.json"
 LANDMARK_SUMMARY = "landmark_summary.json"
 SPLITS_FILE = "splits_final.json"
+PLANS_KEY = "nnunet_landmark"  # a landmark model's entry in its plans.json (landmark_heads, prior.storage)
 
 # a name becomes part of file names (heatmaps/<case>_<name>.nii.gz) and a CSV cell
 _FORBIDDEN_IN_NAMES = set(',/\\\n\r\t"')

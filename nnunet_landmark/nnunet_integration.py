@@ -10,7 +10,7 @@ models run nnU-Net's code unchanged:
 2. Segmentation export argmaxes every channel. The name ``export_prediction_from_logits`` that
    ``nnunetv2.inference.predict_from_raw_data`` (``nnUNetv2_predict``, ``..._from_modelfolder``) and
    ``nnunetv2.training.nnUNetTrainer.nnUNetTrainer`` (final validation) call is pointed to
-   ``inference.export_prediction_with_landmarks`` (handed to ``install``), which exports C channels with nnU-Net's
+   ``landmark_export.export_prediction_with_landmarks`` (handed to ``install``), which exports C channels with nnU-Net's
    function and the landmarks from the other K.
 3. ``nnUNetTrainer.get_dataloaders`` constructs ``nnUNetDataLoader`` by name; ``data_loader_class``
    substitutes the landmark loader while a landmark trainer builds its loaders.
@@ -151,7 +151,7 @@ def _wrap_initialize(original: Callable) -> Callable:
     @functools.wraps(original)
     def initialize_from_trained_model_folder(self, model_training_output_dir, use_folds,
                                              checkpoint_name: str = 'checkpoint_final.pth'):
-        from nnunet_landmark.landmark_heads import select_position_priors
+        from nnunet_landmark.prior.storage import select_position_priors
 
         original(self, model_training_output_dir, use_folds, checkpoint_name)
         if use_folds is None:  # nnU-Net's default: every fold with the checkpoint
@@ -267,7 +267,7 @@ def _small_reach_problems() -> list[str]:
 
 
 def install(export_function: Callable) -> None:
-    """Apply the adaptations (idempotent), exporting with ``export_function`` (``inference``'s
+    """Apply the adaptations (idempotent), exporting with ``export_function`` (``landmark_export``'s
     ``export_prediction_with_landmarks``; passed in so that this module imports nothing of ours that imports it).
     Plain nnU-Net models are unaffected by them."""
     global _installed

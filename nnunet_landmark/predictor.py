@@ -1,7 +1,7 @@
 """nnUNetLandmarkPredictor: nnU-Net's predictor for landmark models, from Python.
 
 ``nnUNetv2_predict`` needs none of this (the export is adapted by ``nnunet_integration``); this class is for users
-who predict from Python and want the landmarks in memory. Dependencies run one way: predictor -> inference ->
+who predict from Python and want the landmarks in memory. Dependencies run one way: predictor -> landmark_export ->
 nnunet_integration.
 """
 from __future__ import annotations
@@ -11,7 +11,7 @@ from nnunetv2.inference import export_prediction as nnunet_export
 from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
 from nnunet_landmark import nnunet_integration
-from nnunet_landmark.inference import decode_landmarks, export_prediction_with_landmarks
+from nnunet_landmark.landmark_export import decode_landmarks, export_prediction_with_landmarks
 from nnunet_landmark.landmark_heads import LandmarkHeads
 
 

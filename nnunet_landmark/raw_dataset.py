@@ -26,7 +26,7 @@ from typing import Iterable, Iterator, Mapping, Sequence
 import numpy as np
 
 from nnunet_landmark.landmark_files import LandmarkFileError, read_markups, write_markups
-from nnunet_landmark.layout import LANDMARKS_FOLDER, SPLITS_FILE, atomic_write_json, check_landmark_names
+from nnunet_landmark.layout import LANDMARK_CACHE, LANDMARKS_FOLDER, SPLITS_FILE, atomic_write_json, check_landmark_names
 
 
 class DatasetError(ValueError):
@@ -145,3 +145,34 @@ def install_splits(splits: list[dict], preprocessed_dataset_folder: str | os.Pat
             raise FileExistsError(f"{target} already holds different splits; pass --overwrite to replace them")
     save_json(splits, target)
     return target
+
+
+def load_world_landmarks(dataset_name: str, preprocessed_base: str, landmark_names: Sequence[str],
+                         cases: Sequence[str], write_cache: bool = True) -> dict:
+    """World landmarks (case -> (K, 3) LPS mm) from nnUNet_raw/<dataset>/landmarksTr, or from the copy kept
+    beside the preprocessed data."""
+    from batchgenerators.utilities.file_and_folder_operations import isfile, join, load_json
+    from nnunetv2.paths import nnUNet_raw
+
+    cache = join(preprocessed_base, LANDMARK_CACHE)
+    raw_folder = join(nnUNet_raw.get(), dataset_name) if nnUNet_raw.is_set() else None
+    if raw_folder is not None and os.path.isdir(join(raw_folder, LANDMARKS_FOLDER)):
+        try:
+            world = read_dataset_landmarks(raw_folder, landmark_names, cases)
+        except DatasetError as e:
+            raise RuntimeError(f"{e}\nEvery training case needs all landmarks {list(landmark_names)}.") from e
+        if write_cache:
+            save_json({"landmarks": list(landmark_names), "coordinate_system": "LPS",
+                       "cases": {c: p.tolist() for c, p in world.items()}}, cache)
+        return world
+    if isfile(cache):
+        stored = load_json(cache)
+        if stored["landmarks"] != list(landmark_names):
+            raise RuntimeError(f"{cache} holds landmarks {stored['landmarks']}, dataset.json "
+                               f"{list(landmark_names)}; delete it and make nnUNet_raw available")
+        missing = [c for c in cases if c not in stored["cases"]]
+        if missing:
+            raise RuntimeError(f"{cache} lacks landmarks for case(s) {missing[:10]}")
+        return {c: np.asarray(stored["cases"][c], dtype=np.float64) for c in cases}
+    raise RuntimeError(f"no landmarks found for {dataset_name}: expected "
+                       f"{raw_folder or '$nnUNet_raw/<dataset>'}/{LANDMARKS_FOLDER}/CASE.mrk.json or {cache}")

@@ -476,7 +476,7 @@ def test_landmarks_flagged_as_not_credible_are_refused_unless_allowed(tmp_path):
     """Our export marks a landmark without a credible estimate (``status`` in landmarks.csv, ``positionStatus``
     undefined in the markups, the reason in its description): alignment refuses it, naming the case, the landmark
     and the reason, and writes nothing; ``--allow-flagged`` aligns with it anyway."""
-    from nnunet_landmark.inference import TABLE_EXTRA_COLUMNS
+    from nnunet_landmark.landmark_export import TABLE_EXTRA_COLUMNS
     from nnunet_landmark.landmark_files import format_landmark_rows
 
     matrix, translation = _rigid(9)

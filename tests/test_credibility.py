@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from nnunet_landmark import credibility
-from nnunet_landmark.position_prior import LandmarkPrior, Moments, PositionPrior
+from nnunet_landmark.prior.model import LandmarkPrior, Moments, PositionPrior
 
 
 def moments(volumes: dict) -> dict:

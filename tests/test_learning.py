@@ -145,7 +145,7 @@ def test_prediction_on_a_real_ct(learned_model, tmp_path):
 def _failure_inputs(folder: Path) -> dict[str, str]:
     """The five inputs on which no landmark is credible, written as nnU-Net inputs; {case: what it is}. Made from an
     unseen phantom (seed 78): its air, noise, its heart replaced by soft tissue, its LV cavity filled with
-    myocardium-like intensity, and its chest above the heart alone."""
+    myocardium-like intensity, and a chest scanned below its heart."""
     from nnunet_landmark.phantoms import generate_phantom
 
     phantom = generate_phantom(78 * 100_003, (64, 64, 48), flips=False)
@@ -163,22 +163,23 @@ def _failure_inputs(folder: Path) -> dict[str, str]:
         out = phantom.geometry.apply_to(sitk.GetImageFromArray(np.clip(array, -1024, 3071).astype(np.int16)))
         sitk.WriteImage(out, str(folder / f"{case}_0000.nii.gz"))
         written[case] = case.replace("_", " ")
-    # the chest above the heart: the slices without any heart label (a scan whose field of view missed the heart)
-    rows = np.flatnonzero((label > 0).any(axis=(1, 2)))
-    above = sitk.GetImageFromArray(image[rows.max() + 2:].astype(np.int16))
-    geometry = phantom.geometry
-    above.SetSpacing(geometry.spacing)
-    above.SetDirection(geometry.direction)
-    above.SetOrigin(tuple(geometry.array_index_to_world([rows.max() + 2, 0, 0])))
-    assert above.GetSize()[2] >= 8, above.GetSize()
-    sitk.WriteImage(above, str(folder / "chest_without_heart_0000.nii.gz"))
+    # a chest scanned below the heart: a phantom of twice the field of view along z, the slices under its heart
+    tall = generate_phantom(79 * 100_003, (64, 64, 96), flips=False)
+    tall_image = sitk.GetArrayFromImage(tall.image)
+    rows = np.flatnonzero((sitk.GetArrayFromImage(tall.label) > 0).any(axis=(1, 2)))
+    below = sitk.GetImageFromArray(tall_image[:rows.min() - 2])
+    below.SetSpacing(tall.geometry.spacing)
+    below.SetDirection(tall.geometry.direction)
+    below.SetOrigin(tall.image.GetOrigin())
+    assert below.GetSize()[2] >= 8, below.GetSize()
+    sitk.WriteImage(below, str(folder / "chest_without_heart_0000.nii.gz"))
     written["chest_without_heart"] = "chest without heart"
     return written
 
 
 def test_no_confident_landmark_where_there_is_nothing_to_find(learned_model, tmp_path):
     """An all-air volume, noise, a phantom whose heart is soft tissue, one whose LV cavity has myocardium's
-    intensity, and a chest scanned above the heart: ``nnUNetv2_predict`` still writes every segmentation and exits 0,
+    intensity, and a chest scanned below the heart: ``nnUNetv2_predict`` still writes every segmentation and exits 0,
     but flags every landmark (``status`` in landmarks.csv, ``positionStatus`` undefined in the markups with the reason
     in the description) and warns naming the case and the landmark. Before, each got three confident landmarks."""
     from nnunet_landmark.landmark_files import markup_statuses

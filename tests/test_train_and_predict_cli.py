@@ -293,7 +293,7 @@ def in_process_logits(env, model_folder: Path, folds, image: Path, use_mirroring
 def test_predict_writes_segmentation_and_landmarks(landmark_model, prediction_inputs, tmp_path):
     from nnunetv2.inference.export_prediction import convert_predicted_logits_to_segmentation_with_correct_shape
 
-    from nnunet_landmark.inference import decode_landmarks
+    from nnunet_landmark.landmark_export import decode_landmarks
 
     env, (inputs, cases) = landmark_model["env"], prediction_inputs
     out = tmp_path / "pred"
@@ -340,7 +340,7 @@ def test_predict_writes_segmentation_and_landmarks(landmark_model, prediction_in
 
 
 def test_predict_with_tta_two_folds_probabilities_and_continue(pretrained_fold, prediction_inputs, tmp_path):
-    from nnunet_landmark.inference import decode_landmarks, write_heatmaps_on_image_grid
+    from nnunet_landmark.landmark_export import decode_landmarks, write_heatmaps_on_image_grid
 
     landmark_model = pretrained_fold  # folds 0 and 1 (the latter pretrained), whatever order the tests run in
     env, (inputs, cases) = landmark_model["env"], prediction_inputs
@@ -391,7 +391,7 @@ def test_priors_follow_the_folds_predicted_with(pretrained_fold, single_input, t
     """``nnUNetv2_predict -f 1`` places the landmarks with fold 1's prior alone: fold 0's (fitted on cases that are
     fold 1's validation cases, and the other way round) never enters. Before, every recorded fold's prior was
     pooled whatever -f said: cross-validation predictions met priors fitted on the very cases they predicted."""
-    from nnunet_landmark.inference import decode_landmarks
+    from nnunet_landmark.landmark_export import decode_landmarks
     from nnunet_landmark.landmark_heads import LandmarkHeads
 
     env, (inputs, cases) = pretrained_fold["env"], single_input

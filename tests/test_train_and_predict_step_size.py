@@ -36,7 +36,7 @@ def test_step_size_reaches_the_landmark_export(smoke_landmark_model, tmp_path):
     from nnunetv2.inference.data_iterators import PreprocessAdapterFromNpy
 
     from nnunet_landmark import nnunet_integration
-    from nnunet_landmark.inference import SlidingWindowRegion, decode_landmarks
+    from nnunet_landmark.landmark_export import SlidingWindowRegion, decode_landmarks
     from nnunet_landmark.predictor import nnUNetLandmarkPredictor
 
     env = smoke_landmark_model["env"]

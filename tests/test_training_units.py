@@ -1,7 +1,6 @@
 """Training pieces without a training run: data loader + augmentation, loss, network heads, integration."""
 from __future__ import annotations
 
-import pickle
 
 import numpy as np
 import pytest
@@ -10,7 +9,6 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.label_handling.label_handling import LabelManager
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
-from nnunet_landmark import nnunet_integration
 from nnunet_landmark.cpu_plans import small_configuration
 from nnunet_landmark.heatmap_targets import HeatmapEncoding, render_heatmaps
 from nnunet_landmark.heatmap_decoding import decode_heatmap
@@ -311,83 +309,3 @@ def test_heatmap_loss_reductions():
     assert float(topk(logits, [None, target])) == pytest.approx(float(hardest.mean()), rel=1e-6)
     with pytest.raises(ValueError, match="reduction"):
         SegmentationHeatmapLoss(Zero(), 2, reduction="median")
-
-
-def test_landmark_label_manager():
-    stock = LabelManager({"background": 0, "lv": 1, "la": 2}, None)
-    manager = nnunet_integration.LandmarkLabelManager(stock, 2)
-    assert manager.num_segmentation_heads == 5 and manager.num_segmentation_channels == 3
-    assert manager.foreground_labels == [1, 2] and manager.has_regions is False
-    logits = torch.randn(5, 4, 5, 6)
-    logits[3:] = 100  # heatmap channels must not win the argmax
-    np.testing.assert_array_equal(np.asarray(manager.convert_logits_to_segmentation(logits)),
-                                  np.asarray(stock.convert_logits_to_segmentation(logits[:3])))
-    probabilities = manager.apply_inference_nonlin(logits)
-    assert probabilities.shape[0] == 3
-    torch.testing.assert_close(probabilities.sum(0), torch.ones(4, 5, 6))
-    clone = pickle.loads(pickle.dumps(manager))  # travels to nnU-Net's export workers
-    assert clone.num_segmentation_heads == 5
-
-
-def test_nnunet_internals_are_as_checked():
-    """Fails loudly if nnU-Net moves what nnunet_integration adapts (checked against 2.8.1)."""
-    from nnunetv2.inference import predict_from_raw_data
-    from nnunetv2.training.nnUNetTrainer import nnUNetTrainer as trainer_module
-
-    from nnunet_landmark.inference import export_prediction_with_landmarks
-
-    nnunet_integration.check_internals()
-    nnunet_integration.install(export_prediction_with_landmarks)
-    assert predict_from_raw_data.export_prediction_from_logits is export_prediction_with_landmarks
-    assert trainer_module.export_prediction_from_logits is export_prediction_with_landmarks
-    assert getattr(predict_from_raw_data.nnUNetPredictor.predict_sliding_window_return_logits, "_nnunet_landmark")
-    nnunet_integration.install(export_prediction_with_landmarks)  # idempotent: no double wrapping
-    wrapped = predict_from_raw_data.nnUNetPredictor.predict_sliding_window_return_logits
-    assert not getattr(wrapped.__wrapped__, "_nnunet_landmark", False)
-
-
-@pytest.mark.parametrize("method, needle", [
-    ("validation_step", "self.loss(output, target)"),
-    ("configure_rotation_dummyDA_mirroring_and_inital_patch_size", "self.inference_allowed_mirroring_axes"),
-    ("perform_actual_validation", "self.inference_allowed_mirroring_axes"),
-])
-def test_check_internals_names_a_trainer_method_that_changed(monkeypatch, method, needle):
-    """The validation-step swap and the mirroring switches rely on these lines of nnUNetTrainer: an nnU-Net whose
-    method lacks them fails the check, naming the method."""
-    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
-
-    def changed(self, *args, **kwargs):
-        return None
-
-    monkeypatch.setattr(nnUNetTrainer, method, changed)
-    with pytest.raises(RuntimeError, match=method):
-        nnunet_integration.check_internals()
-
-
-def test_validation_swaps_are_undone_even_on_errors():
-    class Trainer:
-        network, loss, inference_allowed_mirroring_axes = "network", "loss", (0, 1, 2)
-
-    trainer = Trainer()
-    with pytest.raises(ValueError):
-        with nnunet_integration.precomputed_validation_outputs(trainer, "output", 0.5):
-            assert trainer.network("data") == "output" and trainer.loss("o", "t") == 0.5
-            raise ValueError
-    assert (trainer.network, trainer.loss) == ("network", "loss")
-    with nnunet_integration.without_validation_mirroring(trainer):
-        assert trainer.inference_allowed_mirroring_axes is None
-    assert trainer.inference_allowed_mirroring_axes == (0, 1, 2)
-    assert nnunet_integration.without_mirroring(("r", False, (8, 8, 8), (0, 1, 2))) == ("r", False, (8, 8, 8), None)
-
-
-def test_dependencies_run_one_way():
-    """predictor -> inference -> nnunet_integration: importing the integration (and running its checks) imports
-    neither the export nor the predictor."""
-    import subprocess
-    import sys
-
-    code = ("import sys; from nnunet_landmark import nnunet_integration; nnunet_integration.check_internals(); "
-            "print(sorted(m for m in sys.modules if m in ('nnunet_landmark.inference', 'nnunet_landmark.predictor')))")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.strip().splitlines()[-1] == "[]"

@@ -30,16 +30,16 @@ from nnunet_landmark import nnunet_integration
 from nnunet_landmark.metrics import landmark_errors_mm, summarize
 from nnunet_landmark.heatmap_targets import HeatmapEncoding
 from nnunet_landmark.heatmap_decoding import decode_heatmap
-from nnunet_landmark.inference import export_prediction_with_landmarks
+from nnunet_landmark.landmark_export import export_prediction_with_landmarks
 from nnunet_landmark.landmark_files import LandmarkFileError, read_markups
-from nnunet_landmark.landmark_heads import (LandmarkHeads, landmark_names_from_dataset_json, record_position_prior,
-                                            set_position_prior, write_plans_keeping_priors)
+from nnunet_landmark.landmark_heads import LandmarkHeads, landmark_names_from_dataset_json
+from nnunet_landmark.prior.storage import record_position_prior, set_position_prior, write_plans_keeping_priors
 from nnunet_landmark.landmark_network import HeatmapHeadConfig, LandmarkNetwork
 from nnunet_landmark.layout import LANDMARK_SUMMARY, LANDMARK_TABLE, markups_path
 from nnunet_landmark.raw_dataset import save_json
 from nnunet_landmark.training.data_loading import nnUNetLandmarkDataLoader
-from nnunet_landmark.training.landmark_targets import (copy_raw_splits, fit_position_prior, load_landmark_targets,
-                                                       validation_measurements)
+from nnunet_landmark.training.landmark_targets import copy_raw_splits, load_landmark_targets
+from nnunet_landmark.prior.fitting import fit_position_prior, validation_measurements
 from nnunet_landmark.training.loss import SegmentationHeatmapLoss
 from nnunet_landmark.training.progress_logging import LandmarkLocalLogger
 from nnunet_landmark.training.seeding import SeededTraining

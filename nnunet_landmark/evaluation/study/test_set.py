@@ -22,11 +22,8 @@ def segmentation_rules(label_values: Mapping[str, int]) -> dict[str, tuple[str, 
     are ``label_values``: (description, ``rule(labels zyx, geometry) -> world LPS mm``). The apex is the LV's
     geometric tip; a valve comes from the structure next to it where that is segmented (the mitral valve from the
     LV/LA interface, the aortic valve from the aorta's end toward the LV), else from the centre of the LV's base."""
-    from nnunet_landmark.evaluation.baselines import (
-        apex_from_segmentation,
-        base_from_segmentation,
-        tube_end_from_segmentation,
-    )
+    from nnunet_landmark.evaluation.baselines import (apex_from_segmentation, base_from_segmentation,
+                                                      tube_end_from_segmentation)
     from nnunet_landmark.label_landmarks import interface_centre
 
     lv, la, aorta = 1, label_values.get("LA"), label_values.get("ascending_aorta")
@@ -48,17 +45,13 @@ def evaluate_test_set(prediction_folder: Path, test_root: Path, truth: dict, mea
     import SimpleITK as sitk
 
     from nnunet_landmark.evaluation.baselines import BaselineError
-    from nnunet_landmark.metrics import (
-        dice,
-        landmark_error_mm,
-        landmark_errors_mm,
-    )
+    from nnunet_landmark.metrics import dice, landmark_error_mm, landmark_errors_mm
     from nnunet_landmark.geometry import ImageGeometry
     from nnunet_landmark.label_landmarks import LabelRuleError
     from nnunet_landmark.landmark_files import read_landmark_table, read_markups
     from nnunet_landmark.mmwhs import STRUCTURES
     from nnunet_landmark.phantom_families import ANALYTIC, read_families
-    from nnunet_landmark.position_prior import signed_distance
+    from nnunet_landmark.prior.model import signed_distance
 
     families = read_families(test_root)
     table = prediction_folder / "landmarks.csv"

@@ -45,7 +45,7 @@ from nnunet_landmark.heatmap_decoding import decode_heatmap
 from nnunet_landmark.landmark_files import format_landmark_rows, write_markups
 from nnunet_landmark.landmark_heads import LandmarkHeads
 from nnunet_landmark.layout import HEATMAP_FOLDER, LANDMARK_TABLE, atomic_write_text, locked_folder
-from nnunet_landmark.position_prior import (PRIOR_FLOOR_MM, SURFACE_MARGIN_MM, affine_of, combine_with_heatmap,
+from nnunet_landmark.prior.model import (PRIOR_FLOOR_MM, SURFACE_MARGIN_MM, affine_of, combine_with_heatmap,
                                             pooled_heatmap_error, pooled_prediction, pooled_surface_bands,
                                             sampling_stride, signed_distance, structure_mask, structure_moments)
 
@@ -215,8 +215,10 @@ def decode_landmarks(heatmap_logits: Union[np.ndarray, torch.Tensor], properties
             verdict = credibility.Verdict(credibility.HEATMAP_FLAT, f"the heatmap claims {claim:.1f} mm at its "
                                                                     f"extremum")
         world = geometry.preprocessed_to_world(position)
+        # no error to expect of a landmark without a credible estimate
         expected = credibility.expected_error(None if estimator == "heatmap" else prior_rms,
-                                              None if estimator == "prior" else heatmap_rms)
+                                              None if estimator == "prior" else heatmap_rms) if verdict.ok \
+            else float("nan")
         out[name] = {"world": world,
                      "index": geometry.preprocessed_to_image_index(position),
                      "confidence": decoded.confidence,
@@ -355,7 +357,8 @@ def export_landmarks(heatmap_logits, properties: dict, plans_manager: PlansManag
               f"'{landmarks[name]['status']}', and nnUNetv2_landmark_align refuses it", file=sys.stderr, flush=True)
     write_markups(output_file_truncated + ".mrk.json", {n: v["world"] for n, v in landmarks.items()},
                   {n: f"status={v['status']}" + (f" ({v['status_detail']})" if v["status_detail"] else "")
-                      + f"; expected error {v['expected_error_mm']:.1f} mm; estimator={v['estimator']}; "
+                      + (f"; expected error {v['expected_error_mm']:.1f} mm" if np.isfinite(v["expected_error_mm"])
+                         else "") + f"; estimator={v['estimator']}; "
                       f"confidence={v['confidence']:.3f}; heatmap extremum (LPS mm)="
                       + ",".join(f"{c:.2f}" for c in v["heatmap_world"]) for n, v in landmarks.items()},
                   undefined=flagged)

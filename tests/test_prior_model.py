@@ -5,7 +5,7 @@ import SimpleITK as sitk
 
 from nnunet_landmark.geometry import ImageGeometry
 from nnunet_landmark.heatmap_targets import HeatmapEncoding, render_heatmaps
-from nnunet_landmark.position_prior import (ALL_FOREGROUND, PRIOR_FLOOR_MM, SURFACE_BAND_SD, PositionPrior, affine_of,
+from nnunet_landmark.prior.model import (ALL_FOREGROUND, PRIOR_FLOOR_MM, SURFACE_BAND_SD, PositionPrior, affine_of,
                                             combine_with_heatmap, pooled_prediction, structure_moments)
 
 
@@ -124,7 +124,7 @@ def test_leave_one_out_error_is_computed_as_leave_one_out():
     structure is the one with the smallest. An in-sample error would be smaller by (n - 1) / n (0.8 here), which this
     tells apart. (In-sample and leave-one-out rank structures alike for this estimator: each case's leave-one-out
     residual is its in-sample residual times n / (n - 1), the frame being the case's own; only the values differ.)"""
-    from nnunet_landmark.position_prior import structure_frame
+    from nnunet_landmark.prior.model import structure_frame
 
     rng = np.random.default_rng(12)
     cases = [ellipsoid_case(rng) for _ in range(5)]
@@ -216,7 +216,7 @@ def test_a_validated_heatmap_weighs_by_its_error_and_one_far_off_extremum_barely
     """With the heatmap's validated RMS error the extremum enters as a Student-t of that width: an accurate heatmap
     (0.5 mm) takes the estimate to its extremum, an inaccurate one (20 mm) leaves the prior (4 mm SD) in charge, and
     an extremum 45 mm off moves it less than a Gaussian of the same width would."""
-    from nnunet_landmark.position_prior import HEATMAP_DOF
+    from nnunet_landmark.prior.model import HEATMAP_DOF
 
     encoding = HeatmapEncoding(max_distance_mm=100.0, scale_mm=20.0)
     shape, spacing = (40, 40, 60), np.array([2.0, 2.0, 2.0])
@@ -248,7 +248,7 @@ def test_heatmap_errors_from_validation_are_an_rms_and_need_two_cases():
     import json
     again = PositionPrior.from_dict(json.loads(json.dumps(weighed.to_dict())))
     assert again.landmarks["tip"].heatmap_error_mm == weighed.landmarks["tip"].heatmap_error_mm
-    from nnunet_landmark.position_prior import pooled_heatmap_error
+    from nnunet_landmark.prior.model import pooled_heatmap_error
     other = prior.with_validation({"tip": [1.0, 1.0]})
     assert pooled_heatmap_error([weighed, other], "tip") == pytest.approx(np.sqrt((12.5 + 1.0) / 2))
     assert pooled_heatmap_error([prior], "tip") is None and pooled_heatmap_error([weighed], "side") is None
@@ -272,7 +272,7 @@ def test_pooling_folds_that_chose_different_structures():
     the boundary guard keeps one band per structure with its share of folds, not the first fold's alone."""
     import dataclasses
 
-    from nnunet_landmark.position_prior import pooled_surface_bands
+    from nnunet_landmark.prior.model import pooled_surface_bands
 
     rng = np.random.default_rng(8)
     cases = [ellipsoid_case(rng) for _ in range(4)]
@@ -301,8 +301,8 @@ def test_recording_keeps_every_fold_when_nnunet_rewrites_plans(tmp_path):
     through ``write_plans_keeping_priors``, the other folds' priors stay, and its own replaces a stale one."""
     import json
 
-    from nnunet_landmark.landmark_heads import (PLANS_KEY, PRIORS_KEY, record_position_prior,
-                                                recorded_position_priors, write_plans_keeping_priors)
+    from nnunet_landmark.landmark_heads import PLANS_KEY
+    from nnunet_landmark.prior.storage import PRIORS_KEY, record_position_prior, recorded_position_priors, write_plans_keeping_priors
 
     rng = np.random.default_rng(6)
     cases = [ellipsoid_case(rng) for _ in range(6)]
@@ -337,7 +337,7 @@ def test_cases_without_a_landmark_are_left_out_of_its_prior():
 def test_strided_moments_of_a_large_structure_match_the_full_ones():
     """At prediction a full-size CT's moments come from every stride-th voxel: for an LV-sized ellipsoid (radii
     25-40 voxels) the centroid and axes stay within 0.2 voxel of the full computation (stride 3)."""
-    from nnunet_landmark.position_prior import sampling_stride
+    from nnunet_landmark.prior.model import sampling_stride
 
     shape = (90, 110, 100)
     z, y, x = np.ogrid[:shape[0], :shape[1], :shape[2]]
@@ -355,7 +355,7 @@ def test_the_learned_boundary_distance_pulls_an_estimate_back_onto_the_structure
     structure's boundary (here 0: on it) pulls the estimate back. A sphere of radius 10 mm, a prior 13 mm outside it,
     a flat heatmap: without the boundary factor the estimate stays outside, with it it comes back to the edge of
     the learned band (the factor is a guard: it only acts beyond 2 SD of the learned distance)."""
-    from nnunet_landmark.position_prior import signed_distance
+    from nnunet_landmark.prior.model import signed_distance
 
     spacing = np.array([1.0, 1.0, 1.0])
     z, y, x = np.ogrid[:50, :50, :50]

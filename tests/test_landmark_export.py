@@ -9,7 +9,7 @@ import SimpleITK as sitk
 from nnunet_landmark.nnunet_integration import default_resampling
 from nnunet_landmark.geometry import ImageGeometry
 from nnunet_landmark.heatmap_targets import HeatmapEncoding, render_heatmaps
-from nnunet_landmark.inference import decode_landmarks, reliable_sliding_window_region
+from nnunet_landmark.landmark_export import decode_landmarks, reliable_sliding_window_region
 from nnunet_landmark.landmark_heads import LandmarkHeads
 
 
@@ -140,7 +140,7 @@ def whole_volume_region(shape, patch_size, step_size: float = 0.5, minimum_weigh
 def test_region_equals_the_whole_volume_computation(shape, patch, step_size):
     """Exactly (not within a tolerance): the same float64 products, evaluated box by box. With step size 1 the
     seams between window centres join in (weight >= 1e-4), and nothing else."""
-    from nnunet_landmark.inference import SlidingWindowRegion
+    from nnunet_landmark.landmark_export import SlidingWindowRegion
 
     expected = whole_volume_region(shape, patch, step_size)
     if step_size > 0.5:
@@ -199,7 +199,7 @@ def test_decoding_in_the_region_equals_the_whole_volume_search(kind, dtype):
     import warnings
 
     from nnunet_landmark.heatmap_decoding import decode_heatmap
-    from nnunet_landmark.inference import SlidingWindowRegion
+    from nnunet_landmark.landmark_export import SlidingWindowRegion
 
     rng = np.random.default_rng(1)
     encoding = HeatmapEncoding(kind)
@@ -235,7 +235,7 @@ def test_decoding_a_large_volume_makes_no_full_volume_temporaries():
     import tracemalloc
 
     from nnunet_landmark.heatmap_decoding import decode_heatmap
-    from nnunet_landmark.inference import SlidingWindowRegion
+    from nnunet_landmark.landmark_export import SlidingWindowRegion
 
     shape, spacing = (160, 256, 256), np.array([0.8, 0.8, 0.8])
     encoding = HeatmapEncoding()
@@ -309,7 +309,7 @@ def test_the_export_uses_the_sliding_window_the_predictor_used(step_size):
 
     import torch
 
-    from nnunet_landmark import inference, nnunet_integration
+    from nnunet_landmark import landmark_export, nnunet_integration
 
     shape = (40, 70, 58)
     predictor = tiny_landmark_predictor(step_size)
@@ -320,7 +320,7 @@ def test_the_export_uses_the_sliding_window_the_predictor_used(step_size):
     assert nnunet_integration.sliding_window_settings(received) == (step_size, True)
     built = []
 
-    class Recorded(inference.SlidingWindowRegion):
+    class Recorded(landmark_export.SlidingWindowRegion):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
             built.append(self)
@@ -329,13 +329,13 @@ def test_the_export_uses_the_sliding_window_the_predictor_used(step_size):
                   "bbox_used_for_cropping": [[0, n] for n in shape], "shape_after_cropping_and_before_resampling": shape,
                   "sitk_stuff": {"spacing": (1.0, 1.0, 1.0), "origin": (0.0, 0.0, 0.0),
                                  "direction": tuple(np.eye(3).ravel())}}
-    original = inference.SlidingWindowRegion
-    inference.SlidingWindowRegion = Recorded
+    original = landmark_export.SlidingWindowRegion
+    landmark_export.SlidingWindowRegion = Recorded
     try:
-        inference.decode_landmarks(logits[2:].numpy(), properties, predictor.plans_manager, received,
+        landmark_export.decode_landmarks(logits[2:].numpy(), properties, predictor.plans_manager, received,
                                    predictor.landmark_heads)
     finally:
-        inference.SlidingWindowRegion = original
+        landmark_export.SlidingWindowRegion = original
     assert [(r.shape, r.step_size) for r in built] == [(shape, step_size)]
     # the region follows nnU-Net's float16 weight sum for these windows: normal floats inside, tails outside
     weights = nnunet_weight_sum(predictor, shape)
@@ -390,7 +390,7 @@ def _write_cases(folder: str, worker: int, cases: int, no_flock: bool) -> None:
     import fcntl
     from collections import OrderedDict
 
-    from nnunet_landmark.inference import update_landmark_table
+    from nnunet_landmark.landmark_export import update_landmark_table
 
     if no_flock:
         def flock(fd, operation):
@@ -463,7 +463,7 @@ def test_heatmap_files_hold_the_heatmaps_at_float16_precision(tmp_path, resample
     import torch
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
-    from nnunet_landmark.inference import write_heatmaps_on_image_grid
+    from nnunet_landmark.landmark_export import write_heatmaps_on_image_grid
 
     rng = np.random.default_rng(3)
     transpose_forward, spacing = [2, 0, 1], [0.9, 0.9, 1.6]  # array (x, y, z)-like: the coarse axis goes first
@@ -485,7 +485,7 @@ def test_heatmap_files_hold_the_heatmaps_at_float16_precision(tmp_path, resample
                                            str(tmp_path / "case"))
     # all channels at once, in float32, as the export first did; the voxels the decoder does not search (the
     # sliding window's unreliable corners) hold the background value
-    from nnunet_landmark.inference import reliable_sliding_window_region
+    from nnunet_landmark.landmark_export import reliable_sliding_window_region
     unreliable = ~reliable_sliding_window_region(preprocessed, configuration.patch_size)
     assert 0 < unreliable.mean() < 0.5
     probabilities = torch.sigmoid(torch.as_tensor(logits.astype(np.float32)))
@@ -515,7 +515,7 @@ def test_decode_combines_the_prior_with_the_heatmap_by_its_validated_error():
 
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
-    from nnunet_landmark.position_prior import LandmarkPrior, PositionPrior, affine_of, structure_moments
+    from nnunet_landmark.prior.model import LandmarkPrior, PositionPrior, affine_of, structure_moments
 
     shape, spacing = (40, 48, 44), (2.0, 2.0, 2.0)  # preprocessed = original: identity transpose, no crop
     properties = {"spacing": list(spacing), "shape_before_cropping": list(shape),
@@ -533,7 +533,7 @@ def test_decode_combines_the_prior_with_the_heatmap_by_its_validated_error():
     centre = moments[1].mean
     # the prior: 30 mm from the centre along the structure's principal axis (world z here), 3 mm SD
     axis, roll = np.array([0.0, 0.0, 1.0]), np.array([1.0, 0.0, 0.0])
-    from nnunet_landmark.position_prior import structure_frame
+    from nnunet_landmark.prior.model import structure_frame
     _, rotation, size = structure_frame(moments[1], axis, roll)
     prior = LandmarkPrior(1, axis, roll, np.array([30.0 / size, 0.0, 0.0]), np.eye(3) * (3.0 / size) ** 2, 1.0, 8)
     p = centre + rotation @ np.array([30.0, 0.0, 0.0])

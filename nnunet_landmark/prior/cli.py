@@ -23,10 +23,11 @@ def fit_model_priors(model_folder: str, folds: list[str]) -> dict:
     from nnunetv2.utilities.file_path_utilities import parse_dataset_trainer_plans_configuration_from_path
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
-    from nnunet_landmark.landmark_heads import LandmarkHeads, landmark_names_from_dataset_json, record_position_prior
+    from nnunet_landmark.landmark_heads import LandmarkHeads, landmark_names_from_dataset_json
+    from nnunet_landmark.prior.storage import record_position_prior
     from nnunet_landmark.layout import LANDMARK_TABLE, SPLITS_FILE
-    from nnunet_landmark.training.landmark_targets import (fit_position_prior, load_world_landmarks,
-                                                           validation_measurements)
+    from nnunet_landmark.raw_dataset import load_world_landmarks
+    from nnunet_landmark.prior.fitting import fit_position_prior, validation_measurements
 
     plans_file = join(model_folder, "plans.json")
     if not isfile(plans_file):
