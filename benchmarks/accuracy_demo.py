@@ -1,7 +1,7 @@
 """Accuracy on the demo's protocol: the landmark model against plain nnU-Net and the rules, over several demo runs.
 
     nnUNetv2_landmark_demo -o runs/new_1 && nnUNetv2_landmark_demo -o runs/new_2     # two training runs
-    python benchmarks/accuracy_demo.py --notes benchmarks/accuracy_notes.md \\
+    python benchmarks/accuracy_demo.py --notes benchmarks/results/accuracy_notes.md \\
         --run "new defaults:runs/new_1" --run "new defaults:runs/new_2" --run "old defaults:old/run_1" ...
 
 Each run is a finished ``nnUNetv2_landmark_demo`` output folder (20 training phantoms, fold 0, 10 unseen phantoms,
@@ -11,21 +11,19 @@ is one training seed). Every number is recomputed here from the prediction files
 the error of what ``nnUNetv2_predict`` wrote, of the heatmap's extremum alone (``landmarks.csv``), and of the best
 rule on the model's own predicted segmentation (``demo.segmentation_rules``: the LV's tip for the apex; for a valve
 the structure next to it where the dataset segments it, else the centre of the LV's base), the same rule on plain
-nnU-Net's segmentation, and the mean training position. Writes a markdown section (``--output``), the rows as JSON
-and a box plot per landmark (``<output>_groups.png``).
+nnU-Net's segmentation, and the mean training position. Writes ``--output`` (default
+benchmarks/results/ACCURACY.md), the rows as JSON beside it and a box plot per landmark (``<output>_groups.png``).
 """
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))
+from common import RESULTS_DIR
 
 
 def evaluate_run(folder: Path) -> dict:
@@ -142,7 +140,7 @@ def plot_groups(groups: "OrderedDict[str, list]", png: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", action="append", required=True, help="LABEL:DEMO_OUTPUT_FOLDER (repeat)")
-    parser.add_argument("--output", default=str(HERE / "ACCURACY.md"))
+    parser.add_argument("--output", default=str(RESULTS_DIR / "ACCURACY.md"))
     parser.add_argument("--notes", default=None, help="a markdown file whose text goes under the title (what the "
                                                           "runs were, what to read from them)")
     args = parser.parse_args()

@@ -14,14 +14,14 @@ heatmaps, and plain nnU-Net. For every held-out case it reports the LV Dice and 
   landmark model,
 * the mean apex position of the fold's training cases.
 
-Writes benchmarks/ACCURACY_crossval.md (table) and accuracy_errors.png (box plot), and the raw numbers as JSON.
+Writes benchmarks/results/ACCURACY_crossval.md (tables; ``--output``) with accuracy_errors.png (box plot) and
+accuracy_rows.json (the raw numbers) beside it, and the section "accuracy-study" of benchmarks/results/RESULTS.md.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import sys
 import tempfile
 import time
 from functools import partial
@@ -29,9 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))
-sys.path.insert(0, str(HERE))
+from common import RESULTS_DIR, RESULTS_MD, write_section
+
 DATASET_ID = 860
 DATASET = "Dataset860_MMWHSStudy"
 PLANS = "nnUNetResEncUNetMPlans"
@@ -70,7 +69,7 @@ def main() -> None:
     parser.add_argument("--folds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--workdir", default=None)
-    parser.add_argument("--output", default=str(HERE / "ACCURACY_crossval.md"))
+    parser.add_argument("--output", default=str(RESULTS_DIR / "ACCURACY_crossval.md"))
     args = parser.parse_args()
 
     import torch
@@ -190,9 +189,8 @@ def main() -> None:
     lines += ["", f"![apex errors]({png.name})", ""]
     Path(args.output).write_text("\n".join(lines))
     # the summary tables also go into RESULTS.md, beside the speed benchmarks
-    from results_sections import write_section
     summary = lines[:lines.index("Per held-out case (mm unless Dice):")]
-    write_section(HERE / "RESULTS.md", "accuracy-study",
+    write_section(RESULTS_MD, "accuracy-study",
                   "\n".join(["## " + summary[0].lstrip("# "), *summary[1:],
                              f"Per-case rows and the box plot: [{Path(args.output).name}]({Path(args.output).name})."]))
     Path(args.output).with_name("accuracy_rows.json").write_text(json.dumps(rows, indent=1))

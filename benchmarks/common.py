@@ -1,18 +1,30 @@
-"""What the training studies in ``benchmarks/`` share: the machine, phantom datasets and test sets, training a trainer
-with a seed, ``nnUNetv2_predict`` on a test set, and scoring it (the demo's ``evaluate_test_set`` plus the position
-prior alone). Each study script is a thin driver over these (``heatmap_ablation.py``, ``cross_anatomy.py``).
+"""What the scripts in ``benchmarks/`` share.
 
-Every study keeps its work in one folder: ``nnUNet_raw`` / ``nnUNet_preprocessed`` shared by its runs,
-``nnUNet_results_seed<N>`` per training seed, ``unseen/<test set>`` phantoms, ``predictions/<run>_<test set>``.
+Every script: the folder its committed results go to (``RESULTS_DIR``, ``RESULTS_MD``), the named sections of
+``results/RESULTS.md`` that different scripts own (``write_section``), the machine line of every results header
+(``machine``) and a timed console script (``timed_console_script``).
+
+The training studies (``heatmap_ablation.py``, ``cross_anatomy.py``, ``estimator_study.py``): phantom datasets and
+test sets, training a trainer with a seed, ``nnUNetv2_predict`` on a test set, and scoring it (the demo's
+``evaluate_test_set`` plus the position prior alone). Each keeps its work in one folder: ``nnUNet_raw`` /
+``nnUNet_preprocessed`` shared by its runs, ``nnUNet_results_seed<N>`` per training seed, ``unseen/<test set>``
+phantoms, ``predictions/<run>_<test set>``.
+
+Only the standard library and numpy are imported here; nnU-Net, torch and nnunet_landmark inside the functions.
 """
 from __future__ import annotations
 
 import json
 import os
 import platform
+import re
+import time
 from pathlib import Path
 
 import numpy as np
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+RESULTS_MD = RESULTS_DIR / "RESULTS.md"
 
 PLANS, CONFIG = "nnUNetResEncUNetMPlans", "3d_cpu"
 LANDMARKS = ("apex", "mitral_valve", "aortic_valve")
@@ -35,14 +47,55 @@ def _variant(name, base, settings):
 '''
 
 
+def cpu_name() -> str:
+    """The CPU's model name from /proc/cpuinfo ("unknown CPU" where there is none)."""
+    try:
+        return next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                     if line.startswith("model name")), "unknown CPU")
+    except OSError:
+        return "unknown CPU"
+
+
 def machine() -> str:
     """CPU, cores, GPU, Python and torch of this machine, for the results' headers."""
     import torch
 
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), "unknown CPU") if Path("/proc/cpuinfo").exists() else "unknown CPU"
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return f"{cpu}, {os.cpu_count()} cores, {gpu}, Python {platform.python_version()}, torch {torch.__version__}"
+    return f"{cpu_name()}, {os.cpu_count()} cores, {gpu}, Python {platform.python_version()}, torch {torch.__version__}"
+
+
+def timed_console_script(command: list[str], env: dict, log: Path | None = None) -> float:
+    """Seconds a console script took (``run_console_script``: this environment's command, ``env`` on top of this
+    process's environment, the output appended to ``log`` if given)."""
+    from nnunet_landmark.phantom_dataset import run_console_script
+
+    start = time.perf_counter()
+    run_console_script(command, env, log=log)
+    return time.perf_counter() - start
+
+
+def _section_pattern(name: str) -> re.Pattern:
+    return re.compile(rf"<!-- {re.escape(name)} -->\n.*?<!-- /{re.escape(name)} -->\n", re.S)
+
+
+def sections(path: Path) -> str:
+    """Every named section (``<!-- name -->`` ... ``<!-- /name -->``) of a results file, in order, as text ('' if
+    none or no file): the parts of ``results/RESULTS.md`` that other scripts own, kept when one rewrites it."""
+    if not path.exists():
+        return ""
+    return "".join(m.group(0) for m in re.finditer(r"<!-- ([\w-]+) -->\n.*?<!-- /\1 -->\n", path.read_text(), re.S))
+
+
+def write_section(path: Path, name: str, text: str) -> None:
+    """Put ``text`` into the section ``name`` of the file, replacing that section or appending it."""
+    block = f"<!-- {name} -->\n{text.rstrip()}\n<!-- /{name} -->\n"
+    current = path.read_text() if path.exists() else ""
+    if _section_pattern(name).search(current):
+        current = _section_pattern(name).sub(lambda _: block, current)
+    else:
+        current = current.rstrip("\n") + ("\n\n" if current else "") + block
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(current)
 
 
 def write_trainer_variants(folder: Path, variants: dict[str, tuple[str, dict]]) -> None:

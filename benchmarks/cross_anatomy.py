@@ -22,10 +22,9 @@ from pathlib import Path
 
 import numpy as np
 
-from common import (LANDMARKS, PLAIN_BASE, make_test_set, mean_max, predict, prepare_dataset, score, train,
-                    write_trainer_variants)
+from common import (LANDMARKS, PLAIN_BASE, RESULTS_DIR, make_test_set, mean_max, predict, prepare_dataset, score,
+                    train, write_trainer_variants)
 
-HERE = Path(__file__).resolve().parent
 TEMPLATE_FAMILIES = ("ct_train_1002", "ct_train_1005", "analytic")
 TRAINING_SEED = 31
 SETS = {"validation": (41, 9, 5001), "test": (51, 12, 6001)}  # (phantom seed, cases, first case number)
@@ -114,7 +113,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seeds", nargs="+", type=int, default=[1])
     parser.add_argument("--test", action="store_true", help="also predict the test phantoms")
     parser.add_argument("--report", action="store_true")
-    parser.add_argument("--output", type=Path, default=HERE / "results" / "cross_anatomy.md")
+    parser.add_argument("--output", type=Path, default=RESULTS_DIR / "cross_anatomy.md")
     args = parser.parse_args(argv)
     workdir = args.workdir.resolve()
     write_trainer_variants(workdir / "trainers", {})

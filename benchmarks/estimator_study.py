@@ -18,9 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from common import LANDMARKS, machine
+from common import LANDMARKS, RESULTS_DIR, machine
 
-HERE = Path(__file__).resolve().parent
 
 # name -> (what, how the heatmap's validated RMS error becomes the t's per-axis scale, how the prior's covariance is
 # set: "reference" = fitted on the training references + the floor, "validated" = scaled to the validated prior RMS)
@@ -92,6 +91,47 @@ def errors_of(decoded: dict, truth: dict, key: str = "world") -> dict:
                 else float("nan") for c in decoded] for n in LANDMARKS}
 
 
+def calibration(sets: dict, png: Path, bins: int = 4) -> list[str]:
+    """Binned expected against observed error of what nnUNetv2_predict writes (``ok`` landmarks of every set), as a
+    markdown table and a plot at ``png``."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pairs = np.array([(e, o) for entry in sets.values() for n in LANDMARKS
+                      for e, o, s in zip(entry["product expected"][n], entry["product"][n], entry["product status"][n])
+                      if s == "ok" and np.isfinite(e) and np.isfinite(o)])
+    lines = ["#### Expected error against observed (what `nnUNetv2_predict` writes, `ok` landmarks of every set)", "",
+             "| expected (mm), bin | n | mean expected | mean observed | observed / expected |", "|---|---|---|---|---|"]
+    if len(pairs) == 0:
+        return lines + ["| (no ok landmarks) | 0 | | | |", ""]
+    edges = np.unique(np.quantile(pairs[:, 0], np.linspace(0, 1, bins + 1)))
+    which = np.clip(np.searchsorted(edges, pairs[:, 0], side="right") - 1, 0, max(len(edges) - 2, 0))
+    centres, observed = [], []
+    for b in np.unique(which):
+        e, o = pairs[which == b, 0], pairs[which == b, 1]
+        centres.append(e.mean()), observed.append(o.mean())
+        lines.append(f"| {e.min():.2f}-{e.max():.2f} | {len(e)} | {e.mean():.2f} | {o.mean():.2f} | "
+                     f"{o.mean() / e.mean():.2f} |")
+    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    for (set_name, entry), marker in zip(sets.items(), "osd^v"):
+        for n, colour in zip(LANDMARKS, ("C0", "C1", "C2")):
+            e, o = np.array(entry["product expected"][n], float), np.array(entry["product"][n], float)
+            ok = np.isfinite(e) & np.isfinite(o)
+            if ok.any():
+                ax.scatter(e[ok], o[ok], s=10, alpha=0.4, color=colour, marker=marker,
+                           label=f"{n}, {set_name}")
+    ax.plot(centres, observed, "k-o", label="bin means")
+    top = float(np.nanmax(pairs)) * 1.05
+    ax.plot([0, top], [0, top], "k:", lw=1)
+    ax.set(xlabel="expected_error_mm", ylabel="observed error (mm)", xlim=(0, top), ylim=(0, top))
+    ax.legend(fontsize=5)
+    fig.tight_layout()
+    fig.savefig(png, dpi=150)
+    plt.close(fig)
+    return lines + ["", f"![calibration]({png.name})", ""]
+
+
 def main(argv: list[str] | None = None) -> None:
     import torch
 
@@ -108,7 +148,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--validation-cases", type=int, default=20)
     parser.add_argument("--family", default="analytic")
     parser.add_argument("--test-set", action="append", default=[], help="NAME:FOLDER (MM-WHS layout)")
-    parser.add_argument("--output", type=Path, default=HERE / "results" / "estimator_study.md")
+    parser.add_argument("--output", type=Path, default=RESULTS_DIR / "estimator_study.md")
     args = parser.parse_args(argv)
     workdir = args.workdir.resolve()
     predictor = nnUNetLandmarkPredictor(tile_step_size=0.5, use_mirroring=False, device=torch.device("cpu"),
@@ -173,6 +213,10 @@ def main(argv: list[str] | None = None) -> None:
             entry[rule] = errors_of(decoded, truth)
             entry[rule + " expected"] = {n: [decoded[c][n]["expected_error_mm"] for c in decoded] for n in LANDMARKS}
             entry[rule + " status"] = {n: [decoded[c][n]["status"] for c in decoded] for n in LANDMARKS}
+        product = decode_all(predictor, heads, cached[set_name], label_manager)  # as nnUNetv2_predict decodes
+        entry["product"] = errors_of(product, truth)
+        entry["product expected"] = {n: [product[c][n]["expected_error_mm"] for c in product] for n in LANDMARKS}
+        entry["product status"] = {n: [product[c][n]["status"] for c in product] for n in LANDMARKS}
         results["sets"][set_name] = entry
 
     lines = [f"Model `{args.model}`; validated on its fold's {len(fold_val)} validation cases: heatmap RMS "
@@ -186,6 +230,7 @@ def main(argv: list[str] | None = None) -> None:
                 f"{np.nanmean(entry[key][n]):.2f} / {np.nanmax(entry[key][n]):.1f}" for n in LANDMARKS) + " |")
         lines.append("")
     args.output.parent.mkdir(parents=True, exist_ok=True)
+    lines += calibration(results["sets"], args.output.with_name(args.output.stem + "_calibration.png"))
     args.output.write_text("\n".join(lines) + "\n")
     args.output.with_suffix(".json").write_text(json.dumps(results, indent=1, default=float))
     print("\n".join(lines))

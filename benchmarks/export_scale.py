@@ -21,7 +21,7 @@ model, C for a plain one) go through ``export_prediction_with_landmarks`` or nnU
   resampled from 0.43 x 0.43 x 0.6 mm to 0.8 mm; the export resamples back.
 
 These are measurements, not tests: nothing here fails on a number. Writes JSON (``--json``) and the
-"Real size: prediction export" section of benchmarks/RESULTS.md.
+"Real size: prediction export" section of benchmarks/results/RESULTS.md.
 """
 from __future__ import annotations
 
@@ -38,8 +38,10 @@ from pathlib import Path
 
 import numpy as np
 
+from common import RESULTS_DIR, RESULTS_MD, machine, write_section
+
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
+DATASET_ID = 896  # only named in the synthetic plans: no nnU-Net dataset is made
 LANDMARKS = ("apex", "mitral_valve", "aortic_valve")
 SEGMENTATION_LABELS = {"background": 0, "LV_blood_cavity": 1}
 SECTION = "export-scale"
@@ -68,7 +70,7 @@ def scenario(name: str) -> dict:
     preprocessed = [int(i) for i in compute_new_shape(cropped_t, spacing_t, target)]
     backward = [int(i) for i in np.argsort(transpose_forward)]
     resampling = default_resampling()
-    plain = {"dataset_name": "Dataset899_MMWHS_LVApex", "plans_name": "nnUNetResEncUNetMPlans",
+    plain = {"dataset_name": f"Dataset{DATASET_ID}_ExportScale", "plans_name": "nnUNetResEncUNetMPlans",
              "transpose_forward": transpose_forward, "transpose_backward": backward,
              "image_reader_writer": "SimpleITKIO", "label_manager": "LabelManager",
              "foreground_intensity_properties_per_channel": {
@@ -206,11 +208,6 @@ def median_run(runs: list[dict]) -> dict:
     return out
 
 
-def machine() -> str:
-    from run_benchmarks import machine as describe
-    return describe()
-
-
 def table(results: dict) -> str:
     """Markdown: per scenario and probabilities, landmark (and baseline) against plain."""
     variants = [v for v in ("landmark", "landmark_baseline") if any(
@@ -243,8 +240,8 @@ def main() -> None:
     parser.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
     parser.add_argument("--scenarios", nargs="+", default=["native", "resampled"], choices=["native", "resampled"])
     parser.add_argument("--probabilities", nargs="+", default=["without", "with"], choices=["without", "with"])
-    parser.add_argument("--json", default=str(HERE / "export_scale.json"))
-    parser.add_argument("--results", default=str(HERE / "RESULTS.md"))
+    parser.add_argument("--json", default=str(RESULTS_DIR / "export_scale.json"))
+    parser.add_argument("--results", default=str(RESULTS_MD))
     parser.add_argument("--no-results", action="store_true", help="do not touch RESULTS.md")
     parser.add_argument("--repeats", type=int, default=3, help="runs of each export without probabilities (median)")
     parser.add_argument("--repeats-with-probabilities", type=int, default=1)
@@ -269,9 +266,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         folder = Path(tmp)
         for name in args.scenarios:
+            # -c has no script folder on sys.path: it is put there; PYTHONPATH picks the nnunet_landmark measured
             subprocess.run([sys.executable, "-c", f"import sys, json; sys.path.insert(0, {str(HERE)!r}); "
-                            f"import export_scale as e; from pathlib import Path; "
-                            f"json.dump(e.write_inputs({name!r}, Path({tmp!r})), open(Path({tmp!r}) / '{name}.json', 'w'))"],
+                            f"import export_scale as e; from pathlib import Path; json.dump(e.write_inputs("
+                            f"{name!r}, Path({tmp!r})), open(Path({tmp!r}) / '{name}.json', 'w'))"],
                            check=True, env={**os.environ, "PYTHONPATH": args.source})
             entry = json.loads((folder / f"{name}.json").read_text())
             entry["runs"] = {}
@@ -299,8 +297,6 @@ def main() -> None:
 
 
 def write_results(path: Path, results: dict) -> None:
-    from results_sections import write_section
-
     same = [run.get("same_landmarks_as_baseline") for entry in results["scenarios"].values()
             for run in entry["runs"].values()]
     load = results.get("load_note") or (f"load average {results['load_average_at_start'][0]:.1f} at the start, "
@@ -316,7 +312,7 @@ def write_results(path: Path, results: dict) -> None:
             f"own export of the C channels. \"landmark before\" is the export "
             f"before this work, measured in the same run. Produced by `python benchmarks/export_scale.py"
             f"{' --baseline-source ...' if results.get('baseline_source') else ''}`; raw numbers in "
-            f"`benchmarks/export_scale.json`.\n\n{table(results)}\n")
+            f"`benchmarks/results/export_scale.json`.\n\n{table(results)}\n")
     if any(s is not None for s in same):
         text += f"\nlandmarks.csv identical to the export before, in every run: {all(same)}.\n"
     text += (

@@ -15,13 +15,13 @@ sliding window is reliable, and of the landmarks decoded from them.
 
 Prints one table (and writes it, with the raw numbers, to WORKDIR/gpu_check.json and .md); exits 1 when any
 check fails. Performance targets (landmark / plain): iteration <= 1.03, peak memory <= 1.02, prediction <= 1.05;
-they are enforced on a GPU only (a dry run reports them).
+they are enforced on a GPU only (a dry run reports them). The measurements that run in fresh processes are in
+``gpu_check_workers.py``, the checks and the table in ``gpu_check_report.py``.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import platform
 import shutil
@@ -34,31 +34,21 @@ from pathlib import Path
 
 import numpy as np
 
-DATASET_ID = 897
-DATASET = "Dataset897_MMWHS_LVApex"
-PLANS = "nnUNetResEncUNetMPlans"
+from common import cpu_name, timed_console_script
+from gpu_check_report import find_failures, ratio, render_table
+from gpu_check_workers import DATASET, DATASET_ID, PLANS, worker_main
+
 TRAINERS = (("plain", "nnUNetTrainer"), ("landmark", "nnUNetTrainerLandmark"))
-TARGETS = {"iteration": 1.03, "memory": 1.02, "prediction": 1.05}
-
-
-def run(command: list[str], env: dict, log: Path) -> float:
-    """Run a console script, its output appended to ``log``; seconds taken (``run_console_script``)."""
-    from nnunet_landmark.phantom_dataset import run_console_script
-
-    start = time.perf_counter()
-    run_console_script(command, env, log=log)
-    return time.perf_counter() - start
 
 
 def machine() -> str:
+    """GPU first, then CPU, cores, Python, torch and nnunetv2: the header of the table."""
     import torch
-    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                if ln.startswith("model name")), "unknown CPU") if Path("/proc/cpuinfo").exists() else "unknown CPU"
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
     import nnunetv2  # noqa: F401
     from importlib.metadata import version
-    return (f"{gpu}; {cpu}, {os.cpu_count()} cores; Python {platform.python_version()}, torch {torch.__version__}, "
-            f"nnunetv2 {version('nnunetv2')}")
+    return (f"{gpu}; {cpu_name()}, {os.cpu_count()} cores; Python {platform.python_version()}, "
+            f"torch {torch.__version__}, nnunetv2 {version('nnunetv2')}")
 
 
 # ----------------------------------------------------------------------------------------------- data
@@ -98,145 +88,6 @@ def prepare(workdir: Path, dry_run: bool, cases: int, env: dict, log: Path) -> s
     return dataset.configuration or "3d_fullres"
 
 
-# ------------------------------------------------------------------------------------------ training
-def train_worker(trainer_name: str, configuration: str, device_name: str, warmup: int, timed: int) -> dict:
-    """In a fresh process: nnU-Net's own start of training, then ``warmup + timed`` iterations as run_training
-    runs them (next batch from the augmentation workers, train_step); the model is saved for prediction."""
-    import torch
-    import torch._dynamo.utils as dynamo_utils
-    from nnunetv2.run.run_training import get_trainer_from_args
-
-    recompiles = []
-
-    class _Count(logging.Handler):
-        def emit(self, record):
-            recompiles.append(record.getMessage().splitlines()[0])
-
-    torch._logging.set_logs(recompiles=True)
-    logging.getLogger("torch._dynamo.guards.__recompiles").addHandler(_Count())
-
-    device = torch.device(device_name)
-    trainer = get_trainer_from_args(str(DATASET_ID), configuration, 0, trainer_name, PLANS, device=device)
-    trainer.on_train_start()  # initialize (compile), nnU-Net's data loaders and augmentation workers
-    trainer.on_epoch_start()
-    trainer.on_train_epoch_start()
-    cuda = device.type == "cuda"
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
-    scale = (lambda: float(trainer.grad_scaler.get_scale())) if trainer.grad_scaler is not None else (lambda: None)
-    waits, steps, losses, skipped = [], [], [], {"warmup": 0, "timed": 0}
-    frames_after_warmup = None
-    first_step_seconds = None
-    for i in range(warmup + timed):
-        if i == warmup:
-            sync()
-            if cuda:
-                torch.cuda.reset_peak_memory_stats()
-            frames_after_warmup = dict(dynamo_utils.counters["frames"])
-        before = scale()
-        start = time.perf_counter()
-        batch = next(trainer.dataloader_train)
-        got = time.perf_counter()
-        output = trainer.train_step(batch)
-        sync()
-        done = time.perf_counter()
-        after = scale()
-        if before is not None and after < before:  # GradScaler lowers its scale exactly when it skips a step
-            skipped["warmup" if i < warmup else "timed"] += 1
-        losses.append(float(np.asarray(output["loss"])))
-        if i == 0:
-            first_step_seconds = done - got
-        if i >= warmup:
-            waits.append(got - start)
-            steps.append(done - got)
-    peak = torch.cuda.max_memory_allocated() / 2 ** 20 if cuda else float("nan")
-    frames = dict(dynamo_utils.counters["frames"])
-    graphs = int(dynamo_utils.counters["stats"].get("unique_graphs", 0))
-    trainer.on_train_end()  # saves checkpoint_final.pth for prediction, stops the workers
-    total = np.asarray(waits) + np.asarray(steps)
-    return {"seconds_per_iteration": float(np.median(total)), "mean_seconds_per_iteration": float(total.mean()),
-            "seconds_waiting_for_data": float(np.mean(waits)), "seconds_in_train_step": float(np.median(steps)),
-            "first_iteration_seconds": first_step_seconds, "peak_cuda_memory_mib": peak,
-            "compiled": bool(trainer._do_i_compile()), "dynamo_frames_compiled": int(frames.get("ok", 0)),
-            "dynamo_unique_graphs": graphs,
-            "dynamo_frames_compiled_after_warmup": int(frames.get("ok", 0)) - int((frames_after_warmup or {}).get("ok", 0)),
-            "recompiles": len(recompiles), "recompile_reasons": recompiles[:5], "skipped_gradscaler_steps": skipped,
-            "losses": losses, "augmentation_workers": int(os.environ.get("nnUNet_n_proc_DA", -1)),
-            "patch_size": list(trainer.configuration_manager.patch_size),
-            "batch_size": int(trainer.configuration_manager.batch_size),
-            "output_folder": trainer.output_folder}
-
-
-# -------------------------------------------------------------------------------------------- agreement
-def agreement_worker(configuration: str, case_image: str, crop_center: list, devices: list[str]) -> dict:
-    """The landmark model's heatmaps for one case cropped to about one patch, on two devices (GPU and CPU on a
-    GPU machine): largest difference of the sigmoid heatmaps where the sliding window is reliable, and distance
-    between the landmarks decoded from each."""
-    import SimpleITK as sitk
-    import torch
-    from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
-    from nnunetv2.inference.data_iterators import PreprocessAdapterFromNpy
-
-    from nnunet_landmark.metrics import landmark_error_mm
-    from nnunet_landmark.landmark_export import decode_landmarks, reliable_sliding_window_region
-    from nnunet_landmark.predictor import nnUNetLandmarkPredictor
-    from nnunet_landmark.results_folder import results_folder
-
-    folder = str(results_folder(DATASET, "nnUNetTrainerLandmark", PLANS, configuration))
-    predictors = {}
-    for name in devices:
-        predictor = nnUNetLandmarkPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=False,
-                                            device=torch.device(name), verbose=False, allow_tqdm=False)
-        predictor.initialize_from_trained_model_folder(folder, (0,), "checkpoint_final.pth")
-        predictors[name] = predictor
-    reference = predictors[devices[0]]
-    patch = np.asarray(reference.configuration_manager.patch_size, dtype=float)  # preprocessed (z, y, x) order
-    spacing = np.asarray(reference.configuration_manager.spacing, dtype=float)
-    image = sitk.ReadImage(case_image)
-    # a cube no larger than the patch along any axis (at the model's target spacing) keeps the CPU side to one
-    # sliding window
-    extent_mm = 0.9 * float(np.min(patch * spacing))
-    centre = image.TransformPhysicalPointToContinuousIndex([float(c) for c in crop_center])
-    half = np.ceil(extent_mm / np.asarray(image.GetSpacing()) / 2).astype(int)
-    lower = np.clip(np.round(centre).astype(int) - half, 0, np.asarray(image.GetSize()) - 1)
-    upper = np.clip(lower + 2 * half, 1, np.asarray(image.GetSize()))
-    crop = sitk.RegionOfInterest(image, [int(u - l) for l, u in zip(lower, upper)], [int(v) for v in lower])
-    path = Path(tempfile.mkdtemp()) / "crop_0000.nii.gz"
-    sitk.WriteImage(crop, str(path))
-    data, properties = SimpleITKIO().read_images([str(path)])
-    adapter = PreprocessAdapterFromNpy([data], [None], [properties], [None], reference.plans_manager,
-                                       reference.dataset_json, reference.configuration_manager, 1, verbose=False)
-    item = next(adapter)
-    heads = reference.landmark_heads
-    c = heads.num_segmentation_heads
-    logits, landmarks = {}, {}
-    for name, predictor in predictors.items():
-        with torch.no_grad():
-            logits[name] = predictor.predict_logits_from_preprocessed_data(item["data"]).float().cpu()
-        landmarks[name] = decode_landmarks(logits[name][c:], item["data_properties"], predictor.plans_manager,
-                                           predictor.configuration_manager, heads)
-    a, b = (torch.sigmoid(logits[d][c:]).numpy() for d in devices)
-    valid = np.broadcast_to(reliable_sliding_window_region(a.shape[1:], reference.configuration_manager.patch_size),
-                            a.shape[1:])
-    difference = np.abs(a - b)[:, valid]
-    distances = {n: landmark_error_mm(landmarks[devices[0]][n]["world"], landmarks[devices[1]][n]["world"])
-                 for n in heads.names}
-    return {"devices": devices, "preprocessed_shape": list(a.shape[1:]), "reliable_fraction": float(valid.mean()),
-            "max_sigmoid_difference": float(difference.max()), "mean_sigmoid_difference": float(difference.mean()),
-            "landmark_distance_mm": distances,
-            "segmentation_agreement": float((logits[devices[0]][:c].argmax(0) == logits[devices[1]][:c].argmax(0))
-                                            .float().mean())}
-
-
-# ----------------------------------------------------------------------------------------------- main
-def worker_main(argv: list[str]) -> None:
-    kind = argv[0]
-    if kind == "train":
-        result = train_worker(argv[1], argv[2], argv[3], int(argv[4]), int(argv[5]))
-    else:
-        result = agreement_worker(argv[1], argv[2], json.loads(argv[3]), json.loads(argv[4]))
-    print("RESULT " + json.dumps(result), flush=True)
-
-
 def call_worker(args: list[str], env: dict, log: Path, timeout: float) -> dict:
     with open(log, "a") as f:
         f.write(f"\n$ worker {' '.join(args)}\n")
@@ -254,10 +105,6 @@ def call_worker(args: list[str], env: dict, log: Path, timeout: float) -> dict:
 def save_partial(workdir: Path, results: dict) -> None:
     """What is measured so far, so that a run stopped by a time limit still leaves its numbers."""
     (workdir / "gpu_check.json").write_text(json.dumps(results, indent=1))
-
-
-def ratio(a: float, b: float) -> float:
-    return float(a / b) if b else float("nan")
 
 
 def main() -> int:
@@ -348,7 +195,7 @@ def main() -> int:
             print(f"  nnUNetv2_predict {label}: reusing {done['seconds']:.1f} s from {previous}", flush=True)
             continue
         shutil.rmtree(out, ignore_errors=True)
-        prediction[label] = {"seconds": run(
+        prediction[label] = {"seconds": timed_console_script(
             ["nnUNetv2_predict", "-i", str(inputs), "-o", str(out), "-d", str(DATASET_ID), "-c",
              configuration, "-f", "0", "-tr", trainer, "-p", PLANS, "-chk", "checkpoint_final.pth", "-device",
              device] + (["-npp", "1", "-nps", "1"] if dry else []) + ([] if args.tta else ["--disable_tta"]), env,
@@ -386,100 +233,11 @@ def main() -> int:
     }
     failures = find_failures(results)
     results["failures"] = failures
-    table = render_table(results, configuration, warmup, timed)
+    table = render_table(results, configuration, PLANS, warmup, timed)
     save_partial(workdir, results)
     (workdir / "gpu_check.md").write_text(table)
     print("\n" + table, flush=True)
     return 1 if failures else 0
-
-
-def find_failures(results: dict) -> list[str]:
-    """Every check that failed, in words. Performance targets count on a GPU only."""
-    failures: list[str] = []
-    train, prediction, agreement = results["training"], results["prediction"], results["agreement"]
-    dry = results["dry_run"]
-    for label, r in train.items():
-        if not np.all(np.isfinite(r["losses"])):
-            failures.append(f"{label}: non-finite training loss {r['losses']}")
-        if r["skipped_gradscaler_steps"]["timed"]:
-            failures.append(f"{label}: GradScaler skipped {r['skipped_gradscaler_steps']['timed']} steps after warm-up")
-        if r["dynamo_frames_compiled_after_warmup"]:
-            failures.append(f"{label}: torch.compile compiled {r['dynamo_frames_compiled_after_warmup']} frames "
-                            f"after warm-up (recompiles: {r['recompile_reasons']})")
-        if not dry and not r["compiled"]:
-            failures.append(f"{label}: nnU-Net did not use torch.compile")
-    if train["landmark"]["recompiles"] > train["plain"]["recompiles"]:
-        failures.append(f"landmark: {train['landmark']['recompiles']} recompiles against plain's "
-                        f"{train['plain']['recompiles']}: {train['landmark']['recompile_reasons']}")
-    n = results["prediction_cases"]
-    if prediction["landmark"]["segmentations"] != n or prediction["plain"]["segmentations"] != n:
-        failures.append(f"segmentations written: landmark {prediction['landmark']['segmentations']}, plain "
-                        f"{prediction['plain']['segmentations']} of {n}")
-    if prediction["landmark"]["markups"] != n or not prediction["landmark"]["landmark_table"]:
-        failures.append(f"landmark model wrote {prediction['landmark']['markups']} of {n} markups, "
-                        f"landmarks.csv {'present' if prediction['landmark']['landmark_table'] else 'missing'}")
-    if prediction["plain"]["markups"] or prediction["plain"]["landmark_table"]:
-        failures.append("plain nnU-Net wrote landmark files")
-    if not agreement["max_sigmoid_difference"] <= 0.02:
-        failures.append(f"{agreement['devices'][0]} and {agreement['devices'][1]} heatmaps differ by up to "
-                        f"{agreement['max_sigmoid_difference']:.4f} (> 0.02) in the reliable region")
-    if not max(agreement["landmark_distance_mm"].values()) <= 1.0:
-        failures.append(f"{agreement['devices'][0]} and {agreement['devices'][1]} landmarks differ by "
-                        f"{agreement['landmark_distance_mm']} mm (> 1 mm)")
-    for key, limit in TARGETS.items():
-        if not dry and not results["ratios"][key] <= limit:
-            failures.append(f"{key} ratio {results['ratios'][key]:.3f} above the target {limit}")
-    return failures
-
-
-def render_table(results: dict, configuration: str, warmup: int, timed: int) -> str:
-    tr, pr, ag, ra = results["training"], results["prediction"], results["agreement"], results["ratios"]
-    pl, lm = tr["plain"], tr["landmark"]
-    dry = results["dry_run"]
-
-    def target(key: str) -> str:
-        return f"<= {TARGETS[key]}" + (" (GPU only)" if dry else "")
-
-    lines = [
-        f"Machine: {results['machine']}  ",
-        f"Configuration `{configuration}` of `{PLANS}`: patch {lm['patch_size']}, batch {lm['batch_size']}; "
-        f"{lm['augmentation_workers']} augmentation workers; torch.compile {'on' if lm['compiled'] else 'off'}; "
-        f"{warmup} warm-up + {timed} timed iterations; total {results['seconds']['total']:.0f} s"
-        f"{' (dry run on CPU)' if dry else ''}.", "",
-        "| what | plain nnU-Net | landmark | ratio | target |", "|---|---|---|---|---|",
-        f"| training iteration, median (s) | {pl['seconds_per_iteration']:.3f} | {lm['seconds_per_iteration']:.3f} | "
-        f"{ra['iteration']:.3f} | {target('iteration')} |",
-        f"| of which waiting for the data loader, mean (s) | {pl['seconds_waiting_for_data']:.3f} | "
-        f"{lm['seconds_waiting_for_data']:.3f} | | |",
-        f"| peak CUDA memory after warm-up (MiB) | {pl['peak_cuda_memory_mib']:.0f} | {lm['peak_cuda_memory_mib']:.0f} "
-        f"| {ra['memory']:.3f} | {target('memory')} |",
-        f"| first iteration, with compile (s) | {pl['first_iteration_seconds']:.1f} | "
-        f"{lm['first_iteration_seconds']:.1f} | | |",
-        f"| dynamo frames compiled / unique graphs / recompiles | {pl['dynamo_frames_compiled']} / "
-        f"{pl['dynamo_unique_graphs']} / {pl['recompiles']} | {lm['dynamo_frames_compiled']} / "
-        f"{lm['dynamo_unique_graphs']} / {lm['recompiles']} | | no recompiles after warm-up |",
-        f"| skipped GradScaler steps (warm-up / timed) | {pl['skipped_gradscaler_steps']['warmup']} / "
-        f"{pl['skipped_gradscaler_steps']['timed']} | {lm['skipped_gradscaler_steps']['warmup']} / "
-        f"{lm['skipped_gradscaler_steps']['timed']} | | 0 timed |",
-        f"| losses finite (last) | {np.all(np.isfinite(pl['losses']))} ({pl['losses'][-1]:.3f}) | "
-        f"{np.all(np.isfinite(lm['losses']))} ({lm['losses'][-1]:.3f}) | | all |",
-        f"| `nnUNetv2_predict`, {results['prediction_cases']} case(s), TTA {'on' if results.get('prediction_tta') else 'off'}"
-        f" (s) | {pr['plain']['seconds']:.1f} | "
-        f"{pr['landmark']['seconds']:.1f} | {ra['prediction']:.3f} | {target('prediction')} |",
-        f"| landmark files (markups / landmarks.csv) | {pr['plain']['markups']} / {pr['plain']['landmark_table']} | "
-        f"{pr['landmark']['markups']} / {pr['landmark']['landmark_table']} | | none for plain |",
-        f"| heatmaps {ag['devices'][0]} vs {ag['devices'][1]}: max / mean sigmoid difference in the reliable region "
-        f"({100 * ag['reliable_fraction']:.0f}% of {ag['preprocessed_shape']}) | | {ag['max_sigmoid_difference']:.4f} /"
-        f" {ag['mean_sigmoid_difference']:.5f} | | <= 0.02 |",
-        f"| landmarks {ag['devices'][0]} vs {ag['devices'][1]} (mm) | | "
-        f"{', '.join(f'{k} {v:.3f}' for k, v in ag['landmark_distance_mm'].items())} | | <= 1 |",
-        f"| segmentation voxels agreeing {ag['devices'][0]} vs {ag['devices'][1]} | | "
-        f"{100 * ag['segmentation_agreement']:.2f}% | | |",
-        "",
-        ("PASSED: every check" if not results["failures"] else
-         "FAILED:\n" + "\n".join(f"- {f}" for f in results["failures"])),
-    ]
-    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

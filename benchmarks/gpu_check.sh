@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # GPU check from a clone, install included: nnUNetTrainerLandmark against plain nnU-Net at MM-WHS size on one
-# NVIDIA GPU, with nnU-Net's CUDA defaults. About 11 minutes on an H200 with 16 cores (measured: benchmarks/RESULTS.md).
+# NVIDIA GPU, with nnU-Net's CUDA defaults. About 11 minutes on an H200 with 16 cores (measured: benchmarks/results/RESULTS.md).
 #
 #   bash benchmarks/gpu_check.sh                 # venv .venv-gpu-check (reuses an installed CUDA torch), then the check
 #   bash benchmarks/gpu_check.sh --no-install    # the current python environment as it is

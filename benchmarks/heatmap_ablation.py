@@ -22,10 +22,9 @@ from pathlib import Path
 
 import numpy as np
 
-from common import (LANDMARK_BASE, LANDMARKS, PLAIN_BASE, learning_curve, make_test_set, mean_max, predict,
-                    prepare_dataset, score, train, write_trainer_variants)
+from common import (LANDMARK_BASE, LANDMARKS, PLAIN_BASE, RESULTS_DIR, learning_curve, make_test_set, mean_max,
+                    predict, prepare_dataset, score, train, write_trainer_variants)
 
-HERE = Path(__file__).resolve().parent
 DATASET_ID, NAME = 871, "HeatmapArms"
 DATASET = f"Dataset{DATASET_ID}_{NAME}"
 TEST_SETS = {"demo": (2027, 10, 3001), "extra": (555, 20, 4001)}  # name: (phantom seed, cases, first case number)
@@ -155,7 +154,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--arms", nargs="+", default=[], choices=list(ARMS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[1])
     parser.add_argument("--report", action="store_true", help="write the tables from every finished run")
-    parser.add_argument("--output", type=Path, default=HERE / "results" / "heatmap_arms.md")
+    parser.add_argument("--output", type=Path, default=RESULTS_DIR / "heatmap_arms.md")
     args = parser.parse_args(argv)
     workdir = args.workdir.resolve()
     write_trainer_variants(workdir / "trainers", {trainer_name(a): (base, settings)

@@ -1,7 +1,7 @@
 """Data loader cost at real scale: landmark loader / plain nnU-Net loader on MM-WHS-size CT.
 
-    python benchmarks/loader_scale.py                 # prepare (cached), measure, print, write JSON
-    python benchmarks/loader_scale.py --label before  # store the numbers under another name
+    python benchmarks/loader_scale.py                    # prepare (cached), measure, print, write JSON and RESULTS.md
+    python benchmarks/loader_scale.py --results-md ''    # the same, without touching RESULTS.md
 
 MM-WHS CT is 512 x 512 x 177-363 voxels at 0.43 mm in-plane and 0.45-0.625 mm slices. Phantoms of that size
 (``phantoms.py``, preset ``realistic``) are converted with 1 landmark (apex) and with 3 (apex, mitral and
@@ -12,21 +12,22 @@ Measured: seconds per training batch of the trainer's own training loader (its `
 full nnU-Net augmentation, single-threaded, at the planned 3d_fullres patch and batch size) for
 ``nnUNetTrainerLandmark`` and for plain nnU-Net's loader built by the same trainer, with the same samples and
 the same random draws (both seeded identically before every batch). A benchmark, not a test: it prints a
-table and writes benchmarks/output/loader_scale/results.json; nothing fails on a number.
+table, writes benchmarks/output/loader_scale/results.json and the section "loader-scale" of
+benchmarks/results/RESULTS.md; nothing fails on a number.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
+from common import RESULTS_MD, machine, write_section
+
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))  # measure this checkout's nnunet_landmark, not an installed copy
 WORKDIR = HERE / "output" / "loader_scale"
 PLANS = "nnUNetResEncUNetMPlans"
 DATASETS = {1: (951, "MMWHSScale_1landmark", ["apex"]),
@@ -235,8 +236,6 @@ def table(results: dict) -> str:
 
 
 def write_results_section(results: dict, path: Path) -> None:
-    from results_sections import write_section
-
     one, three = results["datasets"]["1"], results["datasets"]["3"]
     diff = three["target_difference"]
     text = "\n".join([
@@ -275,10 +274,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cases", type=int, default=4, help="phantoms to generate (cached)")
     parser.add_argument("--batches", type=int, default=10, help="timed batches per loader and dataset")
-    parser.add_argument("--results-md", default=str(HERE / "RESULTS.md"), help="RESULTS.md to update ('' = none)")
+    parser.add_argument("--results-md", default=str(RESULTS_MD), help="RESULTS.md to update ('' = none)")
     args = parser.parse_args()
-    sys.path.insert(0, str(HERE))
-    from run_benchmarks import machine
 
     prepare(args.cases)
     results = {"machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M"), "cases": args.cases, "datasets": {}}

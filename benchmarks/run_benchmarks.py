@@ -5,7 +5,7 @@
 
 Reports ratios (landmark / plain) for: training iteration time and peak memory (same plans, batch and data),
 data loader throughput (with heatmap rendering / without), end-to-end ``nnUNetv2_predict`` time (with landmark
-export / plain), and the landmark decode time on a 512 x 512 x 300 volume. Writes benchmarks/RESULTS.md
+export / plain), and the landmark decode time on a 512 x 512 x 300 volume. Writes benchmarks/results/RESULTS.md
 (or --output). These are measurements, not tests: nothing here fails on a number.
 """
 from __future__ import annotations
@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -22,34 +21,11 @@ from pathlib import Path
 
 import numpy as np
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
+from common import RESULTS_MD, machine, sections, timed_console_script
+
 DATASET_ID = 899
 DATASET = "Dataset899_MMWHS_LVApex"
 PLANS = "nnUNetResEncUNetMPlans"
-
-
-def run(command: list[str], env: dict) -> float:
-    """Seconds a console script took (``run_console_script``)."""
-    from nnunet_landmark.phantom_dataset import run_console_script
-
-    start = time.perf_counter()
-    run_console_script(command, env)
-    return time.perf_counter() - start
-
-
-def machine() -> str:
-    cpu = "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    import torch
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return f"{cpu}, {os.cpu_count()} cores, {gpu}, Python {platform.python_version()}, torch {torch.__version__}"
 
 
 def prepare(workdir: Path, gpu: bool, cases: int) -> tuple[dict, str]:
@@ -167,15 +143,16 @@ def prediction_benchmark(env: dict, configuration: str, device: str, workdir: Pa
     for label, trainer in (("landmark", "nnUNetTrainerLandmark_cpu_smoke"), ("plain", "nnUNetTrainer_cpu_smoke")):
         folder = results_folder(DATASET, trainer, PLANS, configuration, 0, results=env["nnUNet_results"])
         if not (folder / "checkpoint_final.pth").exists():
-            run(["nnUNetv2_train", str(DATASET_ID), configuration, "0", "-tr", trainer, "-p", PLANS,
-                 "-device", device], env)
+            timed_console_script(["nnUNetv2_train", str(DATASET_ID), configuration, "0", "-tr", trainer, "-p",
+                                  PLANS, "-device", device], env)
     for tta in (False, True):
         for repeat in range(2):
             for label, trainer in (("plain", "nnUNetTrainer_cpu_smoke"), ("landmark", "nnUNetTrainerLandmark_cpu_smoke")):
                 out = workdir / f"predict_{label}_{tta}_{repeat}"
-                seconds = run(["nnUNetv2_predict", "-i", str(inputs), "-o", str(out), "-d", str(DATASET_ID),
-                               "-c", configuration, "-f", "0", "-tr", trainer, "-p", PLANS, "-device", device,
-                               "-npp", "1", "-nps", "1"] + ([] if tta else ["--disable_tta"]), env)
+                seconds = timed_console_script(
+                    ["nnUNetv2_predict", "-i", str(inputs), "-o", str(out), "-d", str(DATASET_ID), "-c", configuration,
+                     "-f", "0", "-tr", trainer, "-p", PLANS, "-device", device, "-npp", "1", "-nps", "1"]
+                    + ([] if tta else ["--disable_tta"]), env)
                 key = f"{label}_{'tta' if tta else 'no_tta'}"
                 results[key] = min(results.get(key, np.inf), seconds)
     return results
@@ -238,7 +215,6 @@ def write_results(path: Path, results: dict) -> None:
     for method, r in de.items():
         lines.append(f"| {method} | {r['seconds']:.3f} | < 1 |")
     lines += ["", "Raw numbers:", "", "```json", json.dumps(results, indent=1), "```", ""]
-    from results_sections import sections
     kept = sections(path)  # e.g. the accuracy study's table, which accuracy_study.py owns
     path.write_text("\n".join(lines) + ("\n" + kept if kept else ""))
 
@@ -247,7 +223,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--gpu", action="store_true", help="benchmark on CUDA with the real 3d_fullres plans")
     parser.add_argument("--workdir", default=None, help="keep data and models here (default: a temporary folder)")
-    parser.add_argument("--output", default=str(HERE / "RESULTS.md"))
+    parser.add_argument("--output", default=str(RESULTS_MD))
     parser.add_argument("--steps", type=int, default=10, help="timed training iterations per trainer")
     parser.add_argument("--batches", type=int, default=20, help="timed data loader batches per loader")
     args = parser.parse_args()

@@ -94,7 +94,7 @@ def run_demo(argv: list[str] | None = None) -> None:
     parser.add_argument("--lv-only", "--lv_only", action="store_true",
                         help="segment the LV alone, as the paper did, instead of all seven MM-WHS structures (every "
                              "landmark is then placed in the frame of the predicted LV: the aortic valve ~4.5 mm off "
-                             "instead of ~2.2, see benchmarks/ACCURACY.md)")
+                             "instead of ~2.2, see benchmarks/results/ACCURACY.md)")
     args = parser.parse_args(argv)
     if args.cases < 2 * args.folds or args.test_cases < 2:
         parser.error(f"--cases must be at least twice --folds (2 held-out cases per fold for a standard deviation) "

@@ -13,7 +13,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _load_gpu_check():
-    spec = importlib.util.spec_from_file_location("gpu_check", REPO / "benchmarks" / "gpu_check.py")
+    """The checks of benchmarks/gpu_check.py (its module ``gpu_check_report.py``, loaded alone)."""
+    spec = importlib.util.spec_from_file_location("gpu_check_report", REPO / "benchmarks" / "gpu_check_report.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

@@ -77,3 +77,34 @@ def test_no_module_is_over_its_size():
     long = {str(p.relative_to(ROOT)): n for p in modules().values()
             if (n := len(p.read_text().splitlines())) > MAX_LINES}
     assert long == {}, long
+
+
+def test_every_trainer_is_documented():
+    """docs/trainers.md tells a user which trainer to use when: a trainer it does not name is one nobody can choose."""
+    import re
+
+    from nnunet_landmark.training import all_trainers
+
+    text = (ROOT / "docs" / "trainers.md").read_text()
+    named = set(re.findall(r"nnUNetTrainer\w*", text))
+    # the table abbreviates families: `nnUNetTrainerLandmark_{1,5,10}epochs`, `_beta1`
+    for family in re.findall(r"`(nnUNetTrainer\w*)_\{([\d,]+)\}(\w+)`", text):
+        named |= {f"{family[0]}_{n}{family[2]}" for n in family[1].split(",")}
+    for suffix in re.findall(r"`_(\w+)`", text):
+        named.add(f"nnUNetTrainerLandmark_{suffix}")
+    named |= {"nnUNetTrainerLandmark_1epoch"} if "nnUNetTrainerLandmark_1epochs" in named else set()
+    missing = [name for name in all_trainers.__all__ if name not in named]
+    assert not missing, f"trainers missing from docs/trainers.md: {missing}"
+
+
+def test_links_in_readme_and_docs_resolve():
+    import re
+
+    broken = []
+    for page in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        for target in re.findall(r"\]\(([^)#]+)(?:#[^)]*)?\)", page.read_text()):
+            if target.startswith("http"):
+                continue
+            if not (page.parent / target).exists():
+                broken.append(f"{page.relative_to(ROOT)} -> {target}")
+    assert not broken, broken

@@ -74,7 +74,7 @@ def test_every_trainer_is_found_by_nnunet_and_builds(smoke_dataset, tmp_path, mo
             assert list(trainer.landmark_heads.names) == smoke_dataset["landmarks"], name
             expected_encoding = "gaussian" if "Gaussian" in name else "cone" if "NnLandmark" in name else "log_distance"
             assert trainer.landmark_heads.encoding.kind == expected_encoding, name
-            # the recipes (benchmarks/ABLATION.md): the paper's exact setting, nnLandmark's, and ours by default
+            # the recipes (benchmarks/results/ABLATION.md): the paper's exact setting, nnLandmark's, and ours by default
             head, loss = trainer.landmark_heads.head, trainer.loss
             if "Paper" in name:
                 assert (head.kind, loss.reduction, loss.deep_supervision, loss.heatmap_loss_weight) == \

@@ -41,7 +41,7 @@ ALL_FOREGROUND = 0  # structure key: every foreground label together (0 is never
 PRIOR_FLOOR_MM = 1.0
 # width of the heatmap likelihood for models without a validated heatmap error, the scale of a short budget's heatmap
 # errors (10-20 mm at its extremum): of 5, 10, 20 and 40 mm, 20 gave the best apex and mitral valve with little loss at
-# the aortic valve on one model; on six, 40 (and the prior alone) did better (benchmarks/ACCURACY.md)
+# the aortic valve on one model; on six, 40 (and the prior alone) did better (benchmarks/results/ACCURACY.md)
 HEATMAP_TAU_MM = 20.0
 MIN_CASES = 3
 MIN_HEATMAP_CASES = 2  # validation cases needed to weigh the heatmap by its measured error

@@ -90,7 +90,7 @@ class SegmentationHeatmapLoss(nn.Module):
             tuple(float(w) for w in deep_supervision_weights)
         # nnU-Net compiles its Dice term when it compiles the network; eagerly, this term is dozens of small
         # kernels forward and backward (one sigmoid, pooling and MSE per deep-supervision output), which cost
-        # 11% of a ResEnc-M step on an H200 (benchmarks/RESULTS.md). One compiled function fuses them.
+        # 11% of a ResEnc-M step on an H200 (benchmarks/results/RESULTS.md). One compiled function fuses them.
         self.last_segmentation_loss: torch.Tensor | None = None
         self.last_heatmap_loss: torch.Tensor | None = None
         self.compiled = bool(compile)

@@ -70,11 +70,11 @@ class nnUNetTrainerLandmark(SeededTraining, nnUNetTrainer):
             raise RuntimeError(f"configuration {configuration!r} is 2D; nnUNetTrainerLandmark needs a 3D configuration "
                                f"such as 3d_fullres")
         super().__init__(plans, configuration, fold, dataset_json, device)
-        # the recipe (benchmarks/ABLATION.md): the paper's sigmoid heatmap with MSE and beta 10, on a compact target
-        # (log-distance clipped at 30 mm), summed per landmark, from a decoupled head that sends a tenth of its
+        # the recipe (benchmarks/results/ABLATION.md): the paper's sigmoid heatmap with MSE and beta 10, on a compact
+        # target (log-distance clipped at 30 mm), summed per landmark, from a decoupled head that sends a tenth of its
         # gradient into the segmentation network, with a third of the patches centred near a landmark.
         # nnUNetTrainerLandmarkPaper keeps the paper's exact setting.
-        self.heatmap_encoding = "log_distance"  # or "gaussian", "cone" (heatmap.ENCODINGS)
+        self.heatmap_encoding = "log_distance"  # or "gaussian", "cone" (heatmap_targets.ENCODINGS)
         self.heatmap_loss_weight = 10.0  # beta in the paper
         self.heatmap_loss = "mse"  # the paper's MSE on sigmoid outputs, or "bce" (soft-target cross-entropy)
         self.heatmap_loss_reduction = "landmark"  # per landmark, or the paper's "mean" over the patch, "topk" (loss.py)

@@ -68,18 +68,20 @@ class nnUNetTrainerLandmark_cpu_learn(CPULearningBudget, nnUNetTrainerLandmarkVa
     """The learning test's and demo's landmark model: nnUNetTrainerLandmark's recipe, Adam, 40 x 50 iterations.
 
     Its heatmap localises on this budget (extremum 2-4 mm off on unseen phantoms) at no cost in Dice: the decoupled
-    head sends only a tenth of its gradient into the segmentation network (benchmarks/ABLATION.md). Before it, the
-    heatmap shared the segmentation's output layer and did not localise with any weight the segmentation tolerated.
+    head sends only a tenth of its gradient into the segmentation network (benchmarks/results/ABLATION.md). Before
+    it, the heatmap shared the segmentation's output layer and did not localise with any weight the segmentation
+    tolerated.
     """
 
 
 class nnUNetTrainerLandmarkPaper_cpu_learn(CPULearningBudget, PaperRecipe, nnUNetTrainerLandmarkVanillaAdam1en3):
-    """The paper's heatmap setting (``PaperRecipe``) on the CPU learning budget (benchmarks/ABLATION.md)."""
+    """The paper's heatmap setting (``PaperRecipe``) on the CPU learning budget (benchmarks/results/ABLATION.md)."""
 
 
 class nnUNetTrainerLandmarkNnLandmark_cpu_learn(CPULearningBudget, NnLandmarkRecipe,
                                                 nnUNetTrainerLandmarkVanillaAdam1en3):
-    """nnLandmark's heatmap recipe (``NnLandmarkRecipe``) on the CPU learning budget (benchmarks/ABLATION.md)."""
+    """nnLandmark's heatmap recipe (``NnLandmarkRecipe``) on the CPU learning budget
+    (benchmarks/results/ABLATION.md)."""
 
 
 class nnUNetTrainerLandmarkGaussian_cpu_learn(CPULearningBudget, nnUNetTrainerLandmarkGaussianVanillaAdam1en3):

@@ -1,5 +1,5 @@
 """Heatmap recipe variants of nnUNetTrainerLandmark: the paper's exact setting, nnLandmark's recipe, other encodings
-and loss weights (benchmarks/ABLATION.md compares them)."""
+and loss weights (benchmarks/results/ABLATION.md compares them)."""
 from __future__ import annotations
 
 import torch
