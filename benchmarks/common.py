@@ -242,6 +242,28 @@ def learning_curve(model: Path, iterations_per_epoch: int = 50) -> dict:
     return {"val_landmark_errors_mm": errors, **reach, "seconds_per_epoch_median": float(np.median(times))}
 
 
+def fold_validation(model: Path, raw: Path) -> dict | None:
+    """What nnU-Net's final validation of fold 0 measured (the data the choices are made on): LV and foreground-mean
+    Dice, and per landmark the errors (mm) of the heatmap's extremum alone and of the written estimate (which, at the
+    final validation, cannot yet weigh the heatmap by its validated error). None before the fold finished."""
+    from nnunet_landmark.landmark_files import read_landmark_table, read_markups
+
+    validation = model / "fold_0" / "validation"
+    if not (validation / "summary.json").exists():
+        return None
+    summary = json.loads((validation / "summary.json").read_text())
+    out = {"lv_dice": [c["metrics"]["1"]["Dice"] for c in summary["metric_per_case"]],
+           "foreground_dice": [np.mean([m["Dice"] for m in c["metrics"].values()])
+                               for c in summary["metric_per_case"]]}
+    if (validation / "landmarks.csv").exists():
+        rows = read_landmark_table(validation / "landmarks.csv")
+        truth = {r["case"]: read_markups(raw / "landmarksTr" / f"{r['case']}.mrk.json") for r in rows}
+        for key, columns in (("heatmap", ("heatmap_x", "heatmap_y", "heatmap_z")), ("written", ("x", "y", "z"))):
+            out[key] = {n: [float(np.linalg.norm(np.array([float(r[c]) for c in columns]) - truth[r["case"]][n]))
+                            for r in rows if r["name"] == n] for n in LANDMARKS}
+    return out
+
+
 def mean_max(values) -> str:
     """"mean / max" of the finite values, "n/a" without any."""
     from nnunet_landmark.metrics import format_summary

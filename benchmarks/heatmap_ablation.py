@@ -22,8 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
-from common import (LANDMARK_BASE, LANDMARKS, PLAIN_BASE, RESULTS_DIR, learning_curve, make_test_set, mean_max,
-                    predict, prepare_dataset, score, train, write_trainer_variants)
+from common import (CONFIG, LANDMARK_BASE, LANDMARKS, PLAIN_BASE, PLANS, RESULTS_DIR, fold_validation, learning_curve,
+                    make_test_set, mean_max, predict, prepare_dataset, score, train, write_trainer_variants)
 
 DATASET_ID, NAME = 871, "HeatmapArms"
 DATASET = f"Dataset{DATASET_ID}_{NAME}"
@@ -96,13 +96,42 @@ def _final(run: dict) -> str:
     return f"{errors[-1]:.1f}" if errors else "n/a"
 
 
+def validation_table(workdir: Path, by_arm: dict) -> list[str]:
+    """Fold 0's validation cases (what the choices are made on): Dice paired against plain, the heatmap alone."""
+    from nnunet_landmark.results_folder import results_folder
+
+    raw = workdir / "nnUNet_raw" / DATASET
+    measured = {(arm, r["seed"]): fold_validation(results_folder(DATASET, trainer_name(arm), PLANS, CONFIG,
+                                                                 results=workdir / f"nnUNet_results_seed{r['seed']}"),
+                                                  raw)
+                for arm, rs in by_arm.items() for r in rs}
+    lines = ["#### Fold 0's validation cases (the choice is made here; mean / max over every case of every seed)", "",
+             "| arm | seeds | LV Dice (landmark - plain, paired) | foreground Dice (landmark - plain) | "
+             + " | ".join(f"{n}: heatmap alone" for n in LANDMARKS) + " |", "|---|---|---|---|" + "---|" * len(LANDMARKS)]
+    for arm in ARMS:
+        seeds = sorted(seed for a, seed in measured if a == arm and measured[(a, seed)] is not None)
+        if not seeds:
+            continue
+        paired = {k: [v - p for seed in seeds if measured.get(("plain", seed))
+                      for v, p in zip(measured[(arm, seed)][k], measured[("plain", seed)][k])]
+                  for k in ("lv_dice", "foreground_dice")}
+        cells = [arm, ", ".join(map(str, seeds))]
+        for k in ("lv_dice", "foreground_dice"):
+            values = [v for seed in seeds for v in measured[(arm, seed)][k]]
+            cells.append(f"{np.mean(values):.3f} ({np.mean(paired[k]) if paired[k] else float('nan'):+.4f})")
+        cells += [mean_max([e for seed in seeds for e in measured[(arm, seed)].get("heatmap", {}).get(n, [])])
+                  if arm != "plain" else "" for n in LANDMARKS]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
 def report(workdir: Path, output: Path) -> str:
     runs = [json.loads(p.read_text()) for p in sorted((workdir / "runs").glob("*.json"))]
     by_arm: dict[str, list] = {}
     for r in runs:
         by_arm.setdefault(r["arm"], []).append(r)
     plain = {r["seed"]: r for r in by_arm.get("plain", [])}
-    lines = []
+    lines = validation_table(workdir, by_arm)
     for test_set in TEST_SETS:
         lines += [f"#### Unseen phantoms `{test_set}` (mean / max over every case of every seed)", "",
                   "| arm | seeds | LV Dice (landmark - plain, paired) | foreground Dice (landmark - plain) | "

@@ -505,17 +505,13 @@ def test_heatmap_files_hold_the_heatmaps_at_float16_precision(tmp_path, resample
         assert np.abs(values - expected).max() > 0  # rounded indeed
 
 
-def test_decode_combines_the_prior_with_the_heatmap_by_its_validated_error():
-    """Synthetic logits with a known answer, through ``decode_landmarks`` as the export calls it: a segmentation
-    with an elongated structure (label 1) whose frame puts the prior at P, and a heatmap whose minimum is at H, 6 mm
-    away. With the heatmap's validated error at 1 mm the written point is H; at 1e6 mm it is P (the posterior mean of
-    the prior, its box symmetric about P); without a validated error the tau likelihood of the heatmap's distance
-    values puts it in between. The heatmap's own extremum is kept beside it, whatever the weight."""
-    import dataclasses
-
+def _elongated_structure_case(prior_mm=(30.0, 0.0, 0.0)):
+    """Synthetic logits of a known answer: a 2 mm grid (preprocessed = original), an elongated structure (label 1,
+    28 mm from its centre to its tips), and a prior at ``prior_mm`` in its frame (principal axis first; 3 mm SD).
+    Returns what ``decode_landmarks`` needs."""
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
-    from nnunet_landmark.prior.model import LandmarkPrior, PositionPrior, affine_of, structure_moments
+    from nnunet_landmark.prior.model import LandmarkPrior, affine_of, structure_frame, structure_moments
 
     shape, spacing = (40, 48, 44), (2.0, 2.0, 2.0)  # preprocessed = original: identity transpose, no crop
     properties = {"spacing": list(spacing), "shape_before_cropping": list(shape),
@@ -524,30 +520,46 @@ def test_decode_combines_the_prior_with_the_heatmap_by_its_validated_error():
                   "sitk_stuff": {"spacing": spacing[::-1], "origin": (0.0, 0.0, 0.0),
                                  "direction": tuple(np.eye(3).ravel())}}
     plans_manager = PlansManager(plans_for(list(spacing), [0, 1, 2], (48, 48, 48)))
-    configuration = plans_manager.get_configuration("3d_fullres")
     z, y, x = np.ogrid[:shape[0], :shape[1], :shape[2]]
     labels = (((z - 20) / 14.0) ** 2 + ((y - 24) / 7.0) ** 2 + ((x - 22) / 6.0) ** 2 <= 1).astype(int)
-    segmentation_logits = np.stack([(labels == c).astype(np.float16) * 10 for c in range(2)])
     world = lambda index: np.asarray(index, float)[..., ::-1] * 2.0  # noqa: E731 (identity direction, origin 0)
     moments = structure_moments(labels, affine_of(world))
-    centre = moments[1].mean
-    # the prior: 30 mm from the centre along the structure's principal axis (world z here), 3 mm SD
     axis, roll = np.array([0.0, 0.0, 1.0]), np.array([1.0, 0.0, 0.0])
-    from nnunet_landmark.prior.model import structure_frame
     _, rotation, size = structure_frame(moments[1], axis, roll)
-    prior = LandmarkPrior(1, axis, roll, np.array([30.0 / size, 0.0, 0.0]), np.eye(3) * (3.0 / size) ** 2, 1.0, 8)
-    p = centre + rotation @ np.array([30.0, 0.0, 0.0])
+    prior = LandmarkPrior(1, axis, roll, np.asarray(prior_mm) / size, np.eye(3) * (3.0 / size) ** 2, 1.0, 8)
+    index = np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij"), -1)
+    return dict(properties=properties, plans_manager=plans_manager,
+                configuration=plans_manager.get_configuration("3d_fullres"), labels=labels, world=world,
+                world_of_voxels=world(index), prior=prior, p=moments[1].mean + rotation @ np.asarray(prior_mm),
+                segmentation_logits=np.stack([(labels == c).astype(np.float16) * 10 for c in range(2)]))
+
+
+def _heatmap_logits(encoding: HeatmapEncoding, world_of_voxels: np.ndarray, h: np.ndarray) -> np.ndarray:
+    values = np.clip(encoding.encode(np.linalg.norm(world_of_voxels - h, axis=-1)), 1e-4, 1 - 1e-4)
+    return np.log(values / (1 - values)).astype(np.float16)[None]
+
+
+def test_decode_combines_the_prior_with_the_heatmap_by_its_validated_error():
+    """Synthetic logits with a known answer, through ``decode_landmarks`` as the export calls it: a segmentation
+    with an elongated structure (label 1) whose frame puts the prior at P, and a heatmap whose minimum is at H, 6 mm
+    away. With the heatmap's validated error at 1 mm the written point is H; at 1e6 mm it is P (the posterior mean of
+    the prior, its box symmetric about P); without a validated error the tau likelihood of the heatmap's distance
+    values puts it in between. The heatmap's own extremum is kept beside it, whatever the weight."""
+    import dataclasses
+
+    from nnunet_landmark.prior.model import PositionPrior
+
+    case = _elongated_structure_case()
+    p = case["p"]
     h = p + np.array([6.0, 0.0, 0.0])  # 6 mm off along world x
     encoding = HeatmapEncoding("log_distance", max_distance_mm=30.0, scale_mm=10.0)
-    index = np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij"), -1)
-    values = np.clip(encoding.encode(np.linalg.norm(world(index) - h, axis=-1)), 1e-4, 1 - 1e-4)
-    heatmap_logits = np.log(values / (1 - values)).astype(np.float16)[None]
+    heatmap_logits = _heatmap_logits(encoding, case["world_of_voxels"], h)
     written = {}
     for error in (1.0, 1e6, None):
         heads = LandmarkHeads(("apex",), 2, encoding,
-                              (PositionPrior({"apex": dataclasses.replace(prior, heatmap_error_mm=error)}),))
-        decoded = decode_landmarks(heatmap_logits, properties, plans_manager, configuration, heads,
-                                   segmentation_logits=segmentation_logits)["apex"]
+                              (PositionPrior({"apex": dataclasses.replace(case["prior"], heatmap_error_mm=error)}),))
+        decoded = decode_landmarks(heatmap_logits, case["properties"], case["plans_manager"], case["configuration"],
+                                   heads, segmentation_logits=case["segmentation_logits"])["apex"]
         assert decoded["estimator"] == "prior+heatmap"
         assert np.linalg.norm(decoded["heatmap_world"] - h) < 0.2, decoded["heatmap_world"]
         written[error] = decoded["world"]
@@ -556,3 +568,41 @@ def test_decode_combines_the_prior_with_the_heatmap_by_its_validated_error():
     # without a validated error the weak tau likelihood (20 mm) leaves the prior nearly in charge: a decoder that
     # dropped the validated error would write this for the 1 mm heatmap too
     assert np.linalg.norm(written[None] - p) < 1.0 and np.linalg.norm(written[None] - written[1.0]) > 4.0
+
+
+def test_decode_applies_the_learned_boundary_guard_and_flags_what_it_cannot_bring_back():
+    """The prior places the landmark 26 mm from the structure's centre across its long axis, ~13 mm outside it; the heatmap says
+    nothing (its validated error 1e6 mm). Learned on the boundary (0 +- 1 mm), the guard pulls the written point
+    back onto the structure; learned 14 mm outside (where it is), it leaves it. Learned 20 mm deep inside (deeper
+    than this structure reaches), the estimate cannot get there and is flagged ``outside_anatomy``, with no expected
+    error.
+    Injected regression it catches: ``decode_landmarks`` calling ``combine_with_heatmap`` without ``surface``."""
+    import dataclasses
+
+    from nnunet_landmark.prior.model import PositionPrior
+
+    case = _elongated_structure_case(prior_mm=(0.0, 26.0, 0.0))
+    encoding = HeatmapEncoding("log_distance", max_distance_mm=30.0, scale_mm=10.0)
+    heatmap_logits = _heatmap_logits(encoding, case["world_of_voxels"], case["p"] + np.array([6.0, 0.0, 0.0]))
+    labels = case["labels"]
+    tip_distance = float(np.linalg.norm(case["p"] - case["world"](np.argwhere(labels == 1)), axis=-1).min())
+    assert 12 < tip_distance < 20, tip_distance
+
+    def decode(surface_mean, surface_sd):
+        prior = dataclasses.replace(case["prior"], heatmap_error_mm=1e6, surface_mean=surface_mean,
+                                    surface_sd=surface_sd)
+        heads = LandmarkHeads(("apex",), 2, encoding, (PositionPrior({"apex": prior}),))
+        return decode_landmarks(heatmap_logits, case["properties"], case["plans_manager"], case["configuration"],
+                                heads, segmentation_logits=case["segmentation_logits"])["apex"]
+
+    unguarded, learned_there, on_boundary = decode(None, None), decode(tip_distance, 1.0), decode(0.0, 1.0)
+    unreachable = decode(-20.0, 0.5)
+    assert np.linalg.norm(unguarded["world"] - case["p"]) < 0.1
+    assert np.linalg.norm(learned_there["world"] - case["p"]) < 0.5  # where the training cases had it: untouched
+    pulled = np.linalg.norm(on_boundary["world"] - case["p"])
+    assert pulled > 8.0, on_boundary["world"]  # pulled onto the structure
+    nearest_voxel = np.linalg.norm(on_boundary["world"] - case["world"](np.argwhere(labels == 1)), axis=-1).min()
+    assert nearest_voxel < 3.0, nearest_voxel  # within a voxel diagonal (2 mm grid) of the structure
+    assert unguarded["status"] == learned_there["status"] == on_boundary["status"] == "ok"
+    assert np.isfinite(on_boundary["expected_error_mm"])
+    assert unreachable["status"] == "outside_anatomy" and np.isnan(unreachable["expected_error_mm"])
