@@ -118,8 +118,8 @@ class LandmarkNetwork(nn.Module):
     gains K heatmap channels from a ``HeatmapHead`` on its decoder stages.
 
     ``encoder`` and ``decoder`` are the segmentation network's own modules, so checkpoints keep plain nnU-Net's keys
-    (plus ``heatmap_head.*``), and nnU-Net's ``set_deep_supervision_enabled`` (``network.decoder.deep_supervision``)
-    works unchanged. The decoder stages' outputs are picked up by forward hooks, so nnU-Net's decoder runs as is.
+    (plus ``heatmap_head.seg_layers.*``), and nnU-Net's ``set_deep_supervision_enabled``
+    (``network.decoder.deep_supervision``) works unchanged. The decoder stages' outputs are picked up by forward hooks, so nnU-Net's decoder runs as is.
     """
 
     def __init__(self, segmentation_network: nn.Module, num_landmarks: int, config: HeatmapHeadConfig,
@@ -134,7 +134,11 @@ class LandmarkNetwork(nn.Module):
                              f"{len(self.decoder.stages)} stages")
         self.read_stages = len(self.decoder.stages) - skipped  # the decoder stages the head reads (coarse first)
         stage_channels = [stage.output_channels for stage in self.decoder.stages][:self.read_stages]
-        self.heatmap_head = HeatmapHead(stage_channels, self.decoder.num_classes, num_landmarks, config, background)
+        # nnU-Net's -pretrained_weights transfers every key but the output layers', which it knows by '.seg_layers.'
+        # in the key; the head is an output layer too, so a plain checkpoint pretrains the trunk and the head starts
+        # fresh (as nnU-Net's own output layers do when the labels change)
+        self.heatmap_head = nn.ModuleDict({"seg_layers": HeatmapHead(stage_channels, self.decoder.num_classes,
+                                                                     num_landmarks, config, background)})
         self._stage_outputs: dict[int, torch.Tensor] = {}
         for index, stage in enumerate(self.decoder.stages[:self.read_stages]):
             stage.register_forward_hook(_StageRecorder(self._stage_outputs, index))
@@ -145,7 +149,7 @@ class LandmarkNetwork(nn.Module):
         features = [scale_gradient(self._stage_outputs[i], self.trunk_gradient_scale) for i in range(self.read_stages)]
         self._stage_outputs.clear()
         outputs = segmentation if isinstance(segmentation, (list, tuple)) else [segmentation]
-        heatmaps = self.heatmap_head(features, outputs[0])
+        heatmaps = self.heatmap_head["seg_layers"](features, outputs[0])
         if heatmaps.shape[2:] != outputs[0].shape[2:]:
             heatmaps = F.interpolate(heatmaps, size=outputs[0].shape[2:], mode="trilinear", align_corners=False)
         joined = [torch.cat((outputs[0], heatmaps.to(outputs[0].dtype)), 1)]

@@ -243,11 +243,13 @@ def test_network_has_segmentation_plus_heatmap_channels(network_class):
         nnUNetTrainerLandmark.build_network_architecture(plans_manager, configuration, 1, 2, False)
 
 
-def test_decoupled_head_keeps_plain_nnunets_network_and_scales_its_gradient_into_it():
+def test_decoupled_head_keeps_plain_nnunets_network_and_scales_its_gradient_into_it(tmp_path):
     """The decoupled head: the plans' segmentation network built as plain nnU-Net builds it (same parameter names,
-    so plain weights pretrain it), C + K channels at every output, and the heatmap loss's gradient into the shared
+    so nnU-Net's ``-pretrained_weights`` loads a plain checkpoint into it), C + K channels at every output, and the heatmap loss's gradient into the shared
     trunk scaled by ``trunk_gradient_scale``: none at 0, a tenth at 0.1; the head itself always learns."""
     import copy
+
+    from nnunetv2.run.load_pretrained_weights import load_pretrained_weights
 
     from nnunet_landmark.landmark_network import HeatmapHeadConfig, LandmarkNetwork
 
@@ -263,8 +265,16 @@ def test_decoupled_head_keeps_plain_nnunets_network_and_scales_its_gradient_into
         assert isinstance(network, LandmarkNetwork)
         torch.manual_seed(0)
         plain = nnUNetTrainer.build_network_architecture(plans_manager, configuration, 1, 2, True)
-        trunk = {k for k in network.state_dict() if not k.startswith("heatmap_head.")}
+        trunk = {k for k in network.state_dict() if not k.startswith("heatmap_head.seg_layers.")}
         assert trunk == set(plain.state_dict())  # plain nnU-Net's keys and shapes: its weights load
+        # as nnUNetv2_train -pretrained_weights does it: the trunk is the plain model's, the head keeps its start
+        checkpoint = tmp_path / f"plain_{scale}.pth"
+        torch.save({"network_weights": plain.state_dict()}, checkpoint)
+        head_before = {k: v.clone() for k, v in network.state_dict().items() if k.startswith("heatmap_head.")}
+        load_pretrained_weights(network, str(checkpoint))
+        after = network.state_dict()
+        assert all(torch.equal(after[k], v) for k, v in plain.state_dict().items() if ".seg_layers." not in k)
+        assert head_before and all(torch.equal(after[k], v) for k, v in head_before.items())
         network.load_state_dict({**network.state_dict(), **plain.state_dict()})
         x = torch.randn(2, 1, 16, 16, 16)
         outputs = network(x)
