@@ -87,7 +87,7 @@ def test_every_trainer_is_found_by_nnunet_and_builds(smoke_dataset, tmp_path, mo
                     15 * max(trainer.configuration_manager.spacing)), name
             else:
                 assert (head.kind, head.stride, head.trunk_gradient_scale, loss.reduction) == \
-                    ("decoupled", 2, 0.1, "landmark"), name
+                    ("decoupled", 2, 0.3, "landmark"), name
                 assert trainer.landmark_heads.encoding.max_distance_mm == 30.0, name
             assert trainer.landmark_oversample_percent == (0.0 if "Paper" in name else 0.33), name
             assert trainer.loss.heatmap_loss_weight == trainer.heatmap_loss_weight, name

@@ -71,7 +71,7 @@ class nnUNetTrainerLandmark(SeededTraining, nnUNetTrainer):
                                f"such as 3d_fullres")
         super().__init__(plans, configuration, fold, dataset_json, device)
         # the recipe (benchmarks/results/ABLATION.md): the paper's sigmoid heatmap with MSE and beta 10, on a compact
-        # target (log-distance clipped at 30 mm), summed per landmark, from a decoupled head that sends a tenth of its
+        # target (log-distance clipped at 30 mm), summed per landmark, from a decoupled head that sends 0.3 of its
         # gradient into the segmentation network, with a third of the patches centred near a landmark.
         # nnUNetTrainerLandmarkPaper keeps the paper's exact setting.
         self.heatmap_encoding = "log_distance"  # or "gaussian", "cone" (heatmap_targets.ENCODINGS)
@@ -87,7 +87,7 @@ class nnUNetTrainerLandmark(SeededTraining, nnUNetTrainer):
         self.heatmap_head_channels = 16  # decoupled head: its width
         self.heatmap_head_stride = 2  # decoupled head: works at 1 / stride of the output's resolution
         self.heatmap_head_reads_segmentation = False  # decoupled head: also reads the segmentation's probabilities
-        self.heatmap_trunk_gradient_scale = 0.1  # decoupled head: its gradient into the segmentation network
+        self.heatmap_trunk_gradient_scale = 0.3  # decoupled head: its gradient into the segmentation network
         self.landmark_oversample_percent = 0.33  # patches centred near a landmark (nnU-Net's foreground sampling)
         self.landmark_heads: LandmarkHeads | None = None
         self.world_landmarks = None  # case -> (K, 3) LPS mm

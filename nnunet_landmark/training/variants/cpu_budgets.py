@@ -68,7 +68,7 @@ class nnUNetTrainerLandmark_cpu_learn(CPULearningBudget, nnUNetTrainerLandmarkVa
     """The learning test's and demo's landmark model: nnUNetTrainerLandmark's recipe, Adam, 40 x 50 iterations.
 
     Its heatmap localises on this budget (extremum 2-4 mm off on unseen phantoms) at no cost in Dice: the decoupled
-    head sends only a tenth of its gradient into the segmentation network (benchmarks/results/ABLATION.md). Before
+    head sends only 0.3 of its gradient into the segmentation network (benchmarks/results/ABLATION.md). Before
     it, the heatmap shared the segmentation's output layer and did not localise with any weight the segmentation
     tolerated.
     """
