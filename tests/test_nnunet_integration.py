@@ -79,11 +79,13 @@ def test_validation_swaps_are_undone_even_on_errors():
 
 def test_dependencies_run_one_way():
     """predictor -> landmark_export -> nnunet_integration: importing the integration (and running its checks) imports
-    neither the export nor the predictor."""
+    neither the export nor the predictor. (The installed startup hook, which installs the export when nnU-Net's
+    predictor is imported, is taken out first: it is the one place that joins them.)"""
     import subprocess
     import sys
 
-    code = ("import sys; from nnunet_landmark import nnunet_integration; nnunet_integration.check_internals(); "
+    code = ("import sys; sys.meta_path[:] = [f for f in sys.meta_path if type(f).__name__ != '_AdaptWhenImported']; "
+            "from nnunet_landmark import nnunet_integration; nnunet_integration.check_internals(); "
             "print(sorted(m for m in sys.modules if m in ('nnunet_landmark.landmark_export', 'nnunet_landmark.predictor')))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -117,3 +119,27 @@ def test_default_resampling_is_the_planners():
     assert resampling["resampling_fn_probabilities"] == "resample_data_or_seg_to_shape"
     assert resampling["resampling_fn_seg_kwargs"]["is_seg"] is True
     assert resampling["resampling_fn_data_kwargs"]["is_seg"] is False
+
+
+@pytest.mark.parametrize("first_import", ["nnunetv2.inference.predict_from_raw_data",  # nnUNetv2_predict
+                                          "nnunetv2.run.run_training",  # nnUNetv2_train: the trainer imports the predictor
+                                          "nnunetv2.training.nnUNetTrainer.nnUNetTrainer"])
+def test_a_fresh_interpreter_adapts_nnunets_predictor_as_soon_as_it_is_imported(first_import):
+    """``nnUNetv2_predict`` calls ``initialize_from_trained_model_folder`` once, and it is there that nnU-Net first
+    imports our trainers: the adaptations must already be in place (the installed startup hook), or that call keeps
+    every fold's position prior whatever ``-f`` says. A plain interpreter: nothing of ours is imported until nnU-Net's
+    predictor module is."""
+    import subprocess
+    import sys
+
+    code = ("import sys, warnings\n"
+            "warnings.simplefilter('error', RuntimeWarning)\n"
+            "assert 'nnunet_landmark' not in sys.modules\n"
+            f"import {first_import}\n"
+            "from nnunetv2.inference import predict_from_raw_data as p\n"
+            "from nnunetv2.training.nnUNetTrainer import nnUNetTrainer as t\n"
+            "assert t.export_prediction_from_logits.__module__ == 'nnunet_landmark.landmark_export'\n"
+            "assert getattr(p.nnUNetPredictor.initialize_from_trained_model_folder, '_nnunet_landmark', False)\n"
+            "assert p.export_prediction_from_logits.__module__ == 'nnunet_landmark.landmark_export'\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
