@@ -4,9 +4,10 @@ Every landmark a model writes carries a ``status`` (``ok`` or why not) and an ``
 what the model learned from its training and validation cases (``position_prior``):
 
 * ``structure_missing`` / ``structure_implausible``: every structure that each training reference held must be in the
-  predicted segmentation, its volume (largest piece) within ``VOLUME_FACTOR`` of the references' range. A case without
-  them is not the anatomy the model knows (an empty scan, noise, a heart replaced or cropped away): every landmark is
-  flagged, whichever structure places it.
+  predicted segmentation, its volume (its largest piece, and all its pieces together) within ``VOLUME_FACTOR`` of the
+  references' range, and its largest piece at least ``LARGEST_PIECE_FRACTION`` of it. A case without them is not the
+  anatomy the model knows (an empty scan, noise, a heart replaced or cropped away): every landmark is flagged,
+  whichever structure places it. (Noise gave a plausible 30 ml largest piece of an LV scattered over 1168 pieces.)
 * ``heatmap_flat``: the heatmap claims, at its extremum, a distance to the landmark (its target's inverse) larger than
   ``CLAIM_FACTOR`` times the largest it claimed on the validation cases (at least ``CLAIM_FLOOR_MM``): it has found
   nothing. Where a credible prior places the landmark, the estimate is the prior alone instead (a flat heatmap's
@@ -29,6 +30,7 @@ OK = "ok"
 STRUCTURE_MISSING, STRUCTURE_IMPLAUSIBLE = "structure_missing", "structure_implausible"
 HEATMAP_FLAT, OUTSIDE_ANATOMY = "heatmap_flat", "outside_anatomy"
 VOLUME_FACTOR = 2.0
+LARGEST_PIECE_FRACTION = 0.5
 CLAIM_FACTOR, CLAIM_FLOOR_MM = 2.0, 10.0
 OUTSIDE_SD, OUTSIDE_MARGIN_MM = 4.0, 3.0
 MEAN_NORM_PER_RMS = math.sqrt(8.0 / (3.0 * math.pi))  # E|x| / sqrt(E|x|^2) of an isotropic 3D Gaussian
@@ -56,7 +58,8 @@ def pooled_volume_ranges(priors: Sequence) -> dict[int, tuple[float, float]]:
 def segmentation_verdict(moments: Mapping | None, volume_ranges: Mapping[int, tuple[float, float]],
                          label_names: Mapping[int, str] | None = None) -> Verdict:
     """``ok``, or why the predicted segmentation (structure -> ``Moments``) is not one the model's training cases
-    had: a structure each reference held is missing, or its volume is outside ``VOLUME_FACTOR`` of their range."""
+    had: a structure each reference held is missing, its volume (largest piece or all pieces) is outside
+    ``VOLUME_FACTOR`` of their range, or it is scattered (its largest piece under ``LARGEST_PIECE_FRACTION``)."""
     def named(structure: int) -> str:
         return f"{(label_names or {}).get(structure, 'label')} (label {structure})"
 
@@ -68,6 +71,13 @@ def segmentation_verdict(moments: Mapping | None, volume_ranges: Mapping[int, tu
         elif not smallest / VOLUME_FACTOR <= found.volume_ml <= largest * VOLUME_FACTOR:
             implausible.append(f"{named(structure)} {found.volume_ml:.1f} ml, training cases "
                                f"{smallest:.1f}-{largest:.1f} ml")
+        elif np.isfinite(found.total_volume_ml) and found.total_volume_ml > largest * VOLUME_FACTOR:
+            implausible.append(f"{named(structure)} {found.total_volume_ml:.1f} ml in all its pieces, training cases "
+                               f"{smallest:.1f}-{largest:.1f} ml")
+        elif np.isfinite(found.total_volume_ml) and \
+                found.volume_ml < LARGEST_PIECE_FRACTION * found.total_volume_ml:
+            implausible.append(f"{named(structure)} scattered: its largest piece is {found.volume_ml:.1f} of "
+                               f"{found.total_volume_ml:.1f} ml")
     if missing:
         return Verdict(STRUCTURE_MISSING, "not segmented: " + ", ".join(missing))
     if implausible:

@@ -35,6 +35,17 @@ def test_a_structure_every_training_case_held_must_be_segmented_at_a_plausible_v
     assert missing.status == credibility.STRUCTURE_MISSING and "LV_blood_cavity (label 1)" in missing.detail
     assert credibility.segmentation_verdict(None, ranges).status == credibility.STRUCTURE_MISSING
     assert credibility.segmentation_verdict(moments({}), {}).ok  # a model without recorded volumes: no rule
+    # all the pieces together: within the range, and the largest holding most of it (noise gave a 30 ml largest
+    # piece of 373 ml in 1168 pieces)
+    def pieces(largest: float, total: float) -> dict:
+        return {1: Moments(int(largest * 100), np.zeros(3), np.eye(3), largest, total), 6: moments({6: 22.0})[6]}
+
+    assert credibility.segmentation_verdict(pieces(60.0, 80.0), ranges, names).ok
+    spread = credibility.segmentation_verdict(pieces(60.0, 241.0), ranges, names)
+    assert spread.status == credibility.STRUCTURE_IMPLAUSIBLE and "241.0 ml in all its pieces" in spread.detail
+    scattered = credibility.segmentation_verdict(pieces(30.0, 61.0), ranges, names)
+    assert scattered.status == credibility.STRUCTURE_IMPLAUSIBLE and "scattered" in scattered.detail
+    assert credibility.segmentation_verdict(pieces(30.0, 59.0), ranges, names).ok
     # a prior written before volumes were recorded pools to nothing
     assert credibility.pooled_volume_ranges([prior({})]) == {}
 

@@ -1,9 +1,10 @@
 """Proof that it learns: a few minutes of CPU training on phantoms, judged on phantoms it never saw.
 
 The session's ``learning_dataset`` (conftest.py: 20 phantoms of 64 x 64 x 48 voxels, ~3.4 mm, the apex) trains
-``nnUNetTrainerLandmark_cpu_learn`` (40 x 50 iterations, Adam, beta 1, 32^3 patches) with the real
-``nnUNetv2_train``; ``nnUNetv2_predict`` then segments and localises 16 new phantoms. The apex error must be well below what predicting
-the mean position gives (fitted on the training cases) and the LV Dice above 0.8.
+``nnUNetTrainerLandmark_cpu_learn`` (40 x 50 iterations, Adam, nnUNetTrainerLandmark's recipe, 32^3 patches) with the
+real ``nnUNetv2_train``; ``nnUNetv2_predict`` then segments and localises 10 new phantoms. The written apex must be well
+below what predicting the mean position gives (fitted on the training cases), the heatmap must find it on its own,
+and the LV Dice must be above 0.95.
 """
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ def test_landmark_model_learns_on_cpu(learned_model, tmp_path):
     assert learned_model["trainer"] == TRAINER
     # held-out phantoms: same generator, seeds the training set never used
     test_root = tmp_path / "unseen"
-    truth = write_mmwhs_phantoms(test_root, num_cases=16, seed=77, size=(64, 64, 48), flips=False, first_case=2001,
+    truth = write_mmwhs_phantoms(test_root, num_cases=10, seed=77, size=(64, 64, 48), flips=False, first_case=2001,
                                  progress=False)
     inputs = tmp_path / "inputs"
     inputs.mkdir()
@@ -69,8 +70,8 @@ def test_landmark_model_learns_on_cpu(learned_model, tmp_path):
                   "mean_position_mm": np.round(baseline_errors[n], 1).tolist()} for n in LANDMARKS}
     print(json.dumps({"landmark_errors": report, "lv_dice": np.round(dices, 3).tolist(),
                       "validation_patch_heatmap_error_mm": np.round(curve, 1).tolist()}, indent=1))
-    # the seeded run (nnUNet_landmark_seed=1), measured: LV Dice 0.99, apex written ~1.2 mm mean (max ~3), the heatmap
-    # extremum alone ~2-4 mm mean; bounds a small multiple of those
+    # the seeded run (nnUNet_landmark_seed=1), measured: LV Dice 0.985 (min 0.97), apex written 1.2 mm mean (max 2.7),
+    # the heatmap extremum alone 1.9 mm mean (max 3.6); bounds a small multiple of those
     assert np.mean(dices) > 0.95, dices
     assert {r["estimator"] for r in table} <= {"prior+heatmap", "prior"} and {r["status"] for r in table} == {"ok"}
     for name in LANDMARKS:
@@ -78,9 +79,11 @@ def test_landmark_model_learns_on_cpu(learned_model, tmp_path):
         assert np.mean(errors[name]) < 0.3 * np.mean(baseline_errors[name]), (name, report[name])
         # the heatmap localises on its own (it was 5-45 mm off before the decoupled head)
         assert np.mean(extremum_errors[name]) < 6.0 and np.max(extremum_errors[name]) < 15.0, (name, report[name])
-    # and it learned over the epochs: its error in the validation patches fell from tens of mm to a few
-    assert np.all(np.isfinite(curve[:3])) and np.nanmean(curve[:3]) > 15.0, curve
-    assert np.nanmean(curve[-5:]) < 6.0 and np.nanmean(curve[-5:]) < np.nanmean(curve[:3]) / 4, curve
+    # and it learned over the epochs: its error in the validation patches fell from that of an untrained head (after
+    # the first 50 iterations: 15.1 mm; 0.3 of the head's gradient reaches the trunk, so it is 10 mm by epoch 3) to a
+    # few mm (2.2 over the last five epochs)
+    assert np.isfinite(curve[0]) and curve[0] > 10.0, curve
+    assert np.nanmean(curve[-5:]) < 6.0 and np.nanmean(curve[-5:]) < curve[0] / 4, curve
     # no false flags on the fold's validation cases either; the prior's boundary guard and validation were learned
     validation = read_landmark_table(learned_model["folder"] / "fold_0" / "validation" / "landmarks.csv")
     assert {r["status"] for r in validation} == {"ok"}, validation

@@ -80,6 +80,10 @@ def test_moments_come_from_each_structures_largest_piece_so_stray_specks_do_not_
             assert moments[key].count == expected[key].count
             np.testing.assert_allclose(moments[key].mean, expected[key].mean, atol=1e-10)
             np.testing.assert_allclose(moments[key].cov, expected[key].cov, atol=1e-9)
+        # the volume of all the pieces is kept beside the largest piece's (the credibility rules read both)
+        voxel_ml = float(np.linalg.det(a)) / 1000
+        assert moments[1].volume_ml == pytest.approx(expected[1].count * voxel_ml)
+        assert moments[1].total_volume_ml == pytest.approx((expected[1].count + 3) * voxel_ml)
     every_voxel = structure_moments(labels, (a, b), largest_piece=False)
     assert every_voxel[1].count == expected[1].count + 3
     assert np.linalg.norm(every_voxel[1].mean - expected[1].mean) > 0.02

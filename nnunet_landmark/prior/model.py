@@ -54,12 +54,14 @@ MOMENT_SAMPLE_VOXELS = 1 << 23  # at prediction, moments come from at most ~8M v
 
 @dataclass(frozen=True)
 class Moments:
-    """Voxel count, centroid and covariance (world mm) of one structure, and its volume (ml)."""
+    """Voxel count, centroid and covariance (world mm) of one structure, and its volume (ml); ``total_volume_ml``
+    counts every piece of it where the moments are the largest piece's."""
 
     count: int
     mean: np.ndarray
     cov: np.ndarray
     volume_ml: float = float("nan")
+    total_volume_ml: float = float("nan")
 
 
 def affine_of(to_world: Callable[[np.ndarray], np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
@@ -101,11 +103,12 @@ def structure_moments(labels, affine: tuple[np.ndarray, np.ndarray], slab_voxels
     for key, box in structures:
         crop = volume[box]
         mask = crop > 0 if key == ALL_FOREGROUND else crop == key
+        total = int(np.count_nonzero(mask))
         if largest_piece:
             mask = largest_component(mask)
         n, mean, cov = _index_moments(mask, np.array([s.start for s in box], dtype=np.float64), slab_voxels)
         mean, cov = mean * stride, cov * stride * stride
-        out[key] = Moments(n, a @ mean + b, a @ cov @ a.T, n * voxel_ml)
+        out[key] = Moments(n, a @ mean + b, a @ cov @ a.T, n * voxel_ml, total * voxel_ml)
     return out
 
 
