@@ -102,7 +102,7 @@ def write_trainer_variants(folder: Path, variants: dict[str, tuple[str, dict]]) 
     """Trainer classes ``{name: (base trainer, attributes set after its __init__)}`` in a module that nnU-Net's
     ``nnUNet_extTrainer`` lookup finds (``environment`` points it there)."""
     folder.mkdir(parents=True, exist_ok=True)
-    bases = sorted({base for base, _ in variants.values()})
+    bases = sorted({base for base, _ in variants.values()}) or ["nnUNetTrainerLandmark"]  # none: a valid module
     (folder / "study_trainers.py").write_text(TRAINER_MODULE.format(bases=", ".join(bases)) + "".join(
         f"{name} = _variant({name!r}, {base}, {settings!r})\n" for name, (base, settings) in variants.items()))
 
