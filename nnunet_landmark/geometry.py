@@ -217,3 +217,16 @@ class CaseGeometry:
     def preprocessed_to_image_index(self, preprocessed_index) -> np.ndarray:
         """Preprocessed index -> continuous ITK index (x, y, z) of the original image."""
         return self.preprocessing.preprocessed_to_array_index(preprocessed_index)[..., ::-1]
+
+    def preprocessed_image_geometry(self, shape: Sequence[int], stride: int = 1) -> ImageGeometry:
+        """The ITK geometry of an array on the preprocessed grid (preprocessed axis order, ``shape``) sampled every
+        ``stride`` voxels from index 0: its voxel (i, j, k) (ITK order, the array's axes reversed) lies at
+        ``preprocessed_to_world(stride * (k, j, i))``."""
+        origin = self.preprocessed_to_world(np.zeros(3))
+        columns = (self.preprocessed_to_world(np.eye(3)) - origin).T * float(stride)  # world step per array axis
+        columns = columns[:, ::-1]  # ITK index axes are the array's reversed
+        spacing = np.linalg.norm(columns, axis=0)
+        direction = columns / spacing
+        size = tuple(int(-(-n // stride)) for n in shape)[::-1]
+        return ImageGeometry(tuple(float(v) for v in origin), tuple(float(v) for v in spacing),
+                             tuple(float(v) for v in direction.reshape(-1)), size)

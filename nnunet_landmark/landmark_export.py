@@ -14,8 +14,9 @@ plain nnU-Net writes) and then, from the K heatmap channels:
   position was estimated (``prior+heatmap``, ``prior`` where the heatmap found nothing, or ``heatmap``), the position
   prior alone (empty without one), the distance the heatmap claims at its extremum, the expected error (mm) and
   ``ok`` or why the landmark is not credible);
-* with ``save_probabilities``: ``heatmaps/CASE_NAME.nii.gz``, each heatmap on the original image grid
-  (float32 values in [0, 1], rounded to float16 precision).
+* with ``save_probabilities``: ``heatmaps/CASE_NAME.nii.gz``, each heatmap where it was decoded: on the preprocessed
+  grid at the heatmap head's resolution, with that grid's world geometry (float32 values in [0, 1], rounded to float16
+  precision; see ``write_heatmaps``).
 
 Heatmaps are decoded where the network predicted them (preprocessed space, with sub-voxel refinement), combined
 with the model's landmark position prior placed in the frame of the predicted segmentation (``position_prior``),
@@ -296,47 +297,44 @@ def update_landmark_table(folder: str, case: str, landmarks: "OrderedDict[str, d
         atomic_write_text(path, format_landmark_rows(rows, TABLE_EXTRA_COLUMNS))
 
 
-def write_heatmaps_on_image_grid(heatmap_logits: np.ndarray, properties: dict, plans_manager: PlansManager,
-                                 configuration_manager: ConfigurationManager, heads: LandmarkHeads,
-                                 output_file_truncated: str) -> list[str]:
-    """Resample the heatmaps (values in [0, 1]) back to the original image grid, one NIfTI per landmark; voxels the
-    sliding window did not average reliably (``SlidingWindowRegion``) hold the background value, as outside the crop.
+def write_heatmaps(heatmap_logits: np.ndarray, properties: dict, plans_manager: PlansManager,
+                   configuration_manager: ConfigurationManager, heads: LandmarkHeads,
+                   output_file_truncated: str) -> list[str]:
+    """One NIfTI per landmark of the heatmap (values in [0, 1]) where the decoder searched it: on the preprocessed grid,
+    every ``heatmap_stride(heads)``-th voxel, with that grid's world geometry, so 3D Slicer overlays it on the image.
+    Voxels the sliding window did not average reliably (``SlidingWindowRegion``) hold the background value.
 
-    One heatmap at a time (a 512 x 512 x 300 float32 volume is 300 MB). Values are stored at float16 precision
-    (relative 5e-4, that of nnU-Net's float16 logits): gzip then runs ~4x faster and the file is ~2.4x smaller.
+    Not resampled to the image grid: plain nnU-Net resamples C probability channels, and K more resamplings and
+    K full-size files cost 1.5-2x its export (benchmarks/results/RESULTS.md, "export-scale"). The decoupled head
+    works at 1 / stride of the output's resolution, so its heatmap holds nothing finer than its stride; values are
+    stored at float16 precision (relative 5e-4, that of nnU-Net's float16 logits), which gzip compresses ~4x faster.
     """
-    spacing_transposed = [properties["spacing"][i] for i in plans_manager.transpose_forward]
-    slicer = tuple(slice(lo, hi) for lo, hi in properties["bbox_used_for_cropping"])
+    stride = heatmap_stride(heads)
+    every = (slice(None, None, stride),) * (heatmap_logits.ndim - 1)
     folder = os.path.join(os.path.dirname(output_file_truncated), HEATMAP_FOLDER)
     os.makedirs(folder, exist_ok=True)
-    stuff = properties["sitk_stuff"]
-    written = []
+    geometry = CaseGeometry.from_nnunet(properties, plans_manager.transpose_forward, configuration_manager.spacing)
+    grid = geometry.preprocessed_image_geometry(heatmap_logits.shape[1:], stride)
     # what the decoder cannot trust (the far tails of the sliding window at the volume's edges and corners) is
     # written as "far from the landmark", so the file shows what the decoder searched
     step_size, use_gaussian = nnunet_integration.sliding_window_settings(configuration_manager)
-    region = SlidingWindowRegion(heatmap_logits.shape[1:], configuration_manager.patch_size, step_size, use_gaussian)
+    reliable = SlidingWindowRegion(heatmap_logits.shape[1:], configuration_manager.patch_size, step_size,
+                                   use_gaussian)[every]
+    written = []
     for name, logits in zip(heads.names, heatmap_logits):
-        probabilities = torch.sigmoid_(torch.from_numpy(np.array(logits, dtype=np.float32))).numpy()
-        for i in range(probabilities.shape[0]):
-            probabilities[i][~region[i]] = heads.encoding.background
-        resampled = configuration_manager.resampling_fn_probabilities(
-            probabilities[None], properties["shape_after_cropping_and_before_resampling"],
-            configuration_manager.spacing, spacing_transposed)
-        del probabilities
-        heatmap = np.full(properties["shape_before_cropping"], heads.encoding.background, np.float32)
-        heatmap[slicer] = resampled[0]
-        del resampled
-        np.clip(heatmap, 0, 1, out=heatmap)
+        heatmap = torch.sigmoid_(torch.from_numpy(np.array(logits[every], dtype=np.float32))).numpy()
+        heatmap[~reliable] = heads.encoding.background
         heatmap[...] = heatmap.astype(np.float16)
-        image = sitk.GetImageFromArray(heatmap.transpose(plans_manager.transpose_backward))
-        del heatmap
-        image.SetOrigin(stuff["origin"])
-        image.SetSpacing(stuff["spacing"])
-        image.SetDirection(stuff["direction"])
         path = os.path.join(folder, f"{os.path.basename(output_file_truncated)}_{name}.nii.gz")
-        sitk.WriteImage(image, path, useCompression=True)
+        sitk.WriteImage(grid.apply_to(sitk.GetImageFromArray(heatmap)), path,
+                        useCompression=True)
         written.append(path)
     return written
+
+
+def heatmap_stride(heads: LandmarkHeads) -> int:
+    """Every how many preprocessed voxels the written heatmaps sample (the decoupled head's stride, else 1)."""
+    return int(heads.head.stride) if heads.head.kind == "decoupled" else 1
 
 
 def export_landmarks(heatmap_logits, properties: dict, plans_manager: PlansManager,
@@ -364,8 +362,7 @@ def export_landmarks(heatmap_logits, properties: dict, plans_manager: PlansManag
                   undefined=flagged)
     update_landmark_table(os.path.dirname(os.path.abspath(output_file_truncated)), case, landmarks)
     if save_heatmaps:
-        write_heatmaps_on_image_grid(heatmap_logits, properties, plans_manager, configuration_manager, heads,
-                                     output_file_truncated)
+        write_heatmaps(heatmap_logits, properties, plans_manager, configuration_manager, heads, output_file_truncated)
     return landmarks
 
 

@@ -1,6 +1,7 @@
 """Export geometry: a heatmap that nnU-Net's own preprocessing resampled decodes to the true WORLD point."""
 from __future__ import annotations
 
+import os
 
 import numpy as np
 import pytest
@@ -458,12 +459,16 @@ def test_lock_file_breaks_a_stale_lock_and_times_out_on_a_live_one(tmp_path, mon
 
 
 @pytest.mark.parametrize("resample", [False, True], ids=["no_resampling", "resampling"])
-def test_heatmap_files_hold_the_heatmaps_at_float16_precision(tmp_path, resample):
-    """One heatmap at a time on the original grid: within float16 rounding (5e-4) of resampling all at once."""
-    import torch
+@pytest.mark.parametrize("head", ["shared", "decoupled"])
+def test_heatmap_files_hold_what_the_decoder_searched_where_it_lies(tmp_path, resample, head):
+    """Each heatmap file holds the sigmoid of the heatmap logits on the preprocessed grid (every stride-th voxel of
+    the decoupled head, every voxel of the shared one) at float16 precision, the unreliable corners at the background
+    value, and its ITK geometry puts every voxel where the case's geometry maps that preprocessed index."""
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
-    from nnunet_landmark.landmark_export import write_heatmaps_on_image_grid
+    from nnunet_landmark.geometry import CaseGeometry
+    from nnunet_landmark.landmark_export import write_heatmaps
+    from nnunet_landmark.landmark_network import HeatmapHeadConfig
 
     rng = np.random.default_rng(3)
     transpose_forward, spacing = [2, 0, 1], [0.9, 0.9, 1.6]  # array (x, y, z)-like: the coarse axis goes first
@@ -475,34 +480,48 @@ def test_heatmap_files_hold_the_heatmaps_at_float16_precision(tmp_path, resample
                          zip(cropped, [spacing[i] for i in transpose_forward], target))
     plans_manager = PlansManager(plans_for(target, transpose_forward, (16, 16, 16)))
     configuration = plans_manager.get_configuration("3d_fullres")
-    heads = LandmarkHeads(("apex", "mitral_valve"), 2, HeatmapEncoding())
+    stride = 2 if head == "decoupled" else 1
+    heads = LandmarkHeads(("apex", "mitral_valve"), 2, HeatmapEncoding(),
+                          head=HeatmapHeadConfig(head, stride=stride))
     logits = rng.normal(0, 4, (2, *preprocessed)).astype(np.float16)
+    direction = np.array([[0.0, -1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, -1.0]])  # rotated and flipped axes
     properties = {"spacing": spacing, "shape_before_cropping": shape_t, "bbox_used_for_cropping": bbox,
                   "shape_after_cropping_and_before_resampling": cropped,
                   "sitk_stuff": {"spacing": tuple(spacing[::-1]), "origin": (1.0, 2.0, 3.0),
-                                 "direction": tuple(np.eye(3).ravel())}}
-    written = write_heatmaps_on_image_grid(logits, properties, plans_manager, configuration, heads,
-                                           str(tmp_path / "case"))
-    # all channels at once, in float32, as the export first did; the voxels the decoder does not search (the
-    # sliding window's unreliable corners) hold the background value
-    from nnunet_landmark.landmark_export import reliable_sliding_window_region
-    unreliable = ~reliable_sliding_window_region(preprocessed, configuration.patch_size)
+                                 "direction": tuple(direction.ravel())}}
+    written = write_heatmaps(logits, properties, plans_manager, configuration, heads, str(tmp_path / "case"))
+    assert [os.path.basename(p) for p in written] == ["case_apex.nii.gz", "case_mitral_valve.nii.gz"]
+    every = (slice(None, None, stride),) * 3
+    unreliable = ~reliable_sliding_window_region(preprocessed, configuration.patch_size)[every]
     assert 0 < unreliable.mean() < 0.5
-    probabilities = torch.sigmoid(torch.as_tensor(logits.astype(np.float32)))
-    probabilities[:, torch.from_numpy(unreliable)] = heads.encoding.background
-    resampled = configuration.resampling_fn_probabilities(probabilities, cropped, configuration.spacing,
-                                                          [spacing[i] for i in transpose_forward])
-    full = np.full((2, *shape_t), 1.0, np.float32)
-    full[(slice(None), *[slice(lo, hi) for lo, hi in bbox])] = resampled
-    full = np.clip(full.transpose([0] + [i + 1 for i in plans_manager.transpose_backward]), 0, 1)
-    for path, expected in zip(written, full):
+    geometry = CaseGeometry.from_nnunet(properties, transpose_forward, configuration.spacing)
+    for path, channel in zip(written, logits):
         image = sitk.ReadImage(path)
-        assert image.GetSize() == expected.shape[::-1]
-        np.testing.assert_allclose(image.GetSpacing(), spacing[::-1], rtol=1e-6)
+        expected = 1.0 / (1.0 + np.exp(-channel[every].astype(np.float64)))
+        expected[unreliable] = heads.encoding.background
         values = sitk.GetArrayFromImage(image)
-        assert values.dtype == np.float32
+        assert values.dtype == np.float32 and values.shape == expected.shape
         np.testing.assert_allclose(values, expected, rtol=0, atol=2.0 ** -11)
         assert np.abs(values - expected).max() > 0  # rounded indeed
+        # geometry: ITK index (i, j, k) of the file is preprocessed index stride * (k, j, i)
+        file_grid = ImageGeometry.from_image(image)
+        index = np.stack(np.meshgrid(*[np.arange(n) for n in values.shape[::-1]], indexing="ij"), -1).reshape(-1, 3)
+        np.testing.assert_allclose(geometry.world_to_preprocessed(file_grid.index_to_world(index)),
+                                   stride * index[:, ::-1], atol=1e-6)
+
+    # a heatmap with a peak: the file's extremum is the decoded heatmap extremum, to within one of the file's voxels
+    truth = np.asarray(preprocessed, dtype=float) * [0.45, 0.55, 0.5]
+    target = render_heatmaps(preprocessed, truth, configuration.spacing, heads.encoding)[0].astype(np.float64)
+    peaked = np.log(np.clip(target, 1e-3, 1 - 1e-3) / (1 - np.clip(target, 1e-3, 1 - 1e-3))).astype(np.float16)
+    decoded = decode_landmarks(np.stack([peaked, peaked]), properties, plans_manager, configuration, heads)
+    path = write_heatmaps(np.stack([peaked, peaked]), properties, plans_manager, configuration, heads,
+                          str(tmp_path / "peaked"))[0]
+    image = sitk.ReadImage(path)
+    values = sitk.GetArrayFromImage(image)
+    extremum = np.unravel_index(np.argmin(values), values.shape)  # log-distance: the landmark is the minimum
+    at = ImageGeometry.from_image(image).index_to_world(np.asarray(extremum[::-1], dtype=float))
+    assert np.linalg.norm(at - decoded["apex"]["heatmap_world"]) <= stride * max(configuration.spacing)
+    assert np.linalg.norm(decoded["apex"]["heatmap_world"] - geometry.preprocessed_to_world(truth)) < 0.5
 
 
 def _elongated_structure_case(prior_mm=(30.0, 0.0, 0.0)):

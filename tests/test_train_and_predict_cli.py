@@ -343,7 +343,8 @@ def test_predict_writes_segmentation_and_landmarks(landmark_model, prediction_in
 
 
 def test_predict_with_tta_two_folds_probabilities_and_continue(pretrained_fold, prediction_inputs, tmp_path):
-    from nnunet_landmark.landmark_export import decode_landmarks, write_heatmaps_on_image_grid
+    from nnunet_landmark.geometry import CaseGeometry
+    from nnunet_landmark.landmark_export import decode_landmarks, heatmap_stride, write_heatmaps
 
     landmark_model = pretrained_fold  # folds 0 and 1 (the latter pretrained), whatever order the tests run in
     env, (inputs, cases) = landmark_model["env"], prediction_inputs
@@ -368,16 +369,21 @@ def test_predict_with_tta_two_folds_probabilities_and_continue(pretrained_fold, 
     markups = read_markups(out / f"{case}.mrk.json", flagged=True)
     for name in LANDMARKS:
         np.testing.assert_allclose(markups[name], decoded[name]["world"], atol=1e-2)
-    # probabilities: nnU-Net's npz holds the C segmentation channels; heatmaps are NIfTIs on the image grid, made
-    # from the heatmaps the landmarks were decoded from (both folds, mirrored), exactly as the export function makes
-    # them of the in-process logits (whose own content test_inference_export checks voxel by voxel)
+    # probabilities: nnU-Net's npz holds the C segmentation channels; heatmaps are NIfTIs on the grid they were
+    # decoded on (the preprocessed grid at the head's stride), made from the heatmaps the landmarks were decoded from
+    # (both folds, mirrored), exactly as the export function makes them of the in-process logits (whose content and
+    # geometry, and where a heatmap has a peak its extremum, test_landmark_export checks)
     assert np.load(out / f"{case}.npz")["probabilities"].shape[0] == 2
-    expected = write_heatmaps_on_image_grid(logits[2:], pre_properties, predictor.plans_manager,
-                                            predictor.configuration_manager, predictor.landmark_heads,
-                                            str(tmp_path / "expected" / case))
+    heads = predictor.landmark_heads
+    expected = write_heatmaps(logits[2:], pre_properties, predictor.plans_manager, predictor.configuration_manager,
+                              heads, str(tmp_path / "expected" / case))
+    grid = CaseGeometry.from_nnunet(pre_properties, predictor.plans_manager.transpose_forward,
+                                    predictor.configuration_manager.spacing)
+    stride = heatmap_stride(heads)
     for name, expected_file in zip(LANDMARKS, expected):
         heatmap = sitk.ReadImage(str(out / "heatmaps" / f"{case}_{name}.nii.gz"))
-        assert ImageGeometry.from_image(heatmap).same_grid_as(ImageGeometry.from_file(image))
+        assert ImageGeometry.from_image(heatmap).same_grid_as(
+            grid.preprocessed_image_geometry(logits.shape[1:], stride))
         values = sitk.GetArrayFromImage(heatmap)
         np.testing.assert_allclose(values, sitk.GetArrayFromImage(sitk.ReadImage(expected_file)), rtol=0, atol=2e-3)
     # --continue_prediction on the full input folder leaves the finished case alone and completes the table
