@@ -216,10 +216,17 @@ def decode_landmarks(heatmap_logits: Union[np.ndarray, torch.Tensor], properties
             verdict = credibility.Verdict(credibility.HEATMAP_FLAT, f"the heatmap claims {claim:.1f} mm at its "
                                                                     f"extremum")
         world = geometry.preprocessed_to_world(position)
+        # how far apart the two estimates the written one combines lie in this case
+        disagreement = float(np.linalg.norm(np.asarray(prior_world) - heatmap_world)) \
+            if estimator == "prior+heatmap" and prior_world is not None else 0.0
+        if verdict.ok and credibility.estimates_disagree(disagreement, prior_rms, heatmap_rms):
+            verdict = credibility.Verdict(credibility.ESTIMATES_DISAGREE, (
+                f"the position prior and the heatmap's extremum are {disagreement:.1f} mm apart; their validated "
+                f"errors are " + " and ".join(f"{v:.1f}" for v in (prior_rms, heatmap_rms) if v is not None) + " mm"))
         # no error to expect of a landmark without a credible estimate
         expected = credibility.expected_error(None if estimator == "heatmap" else prior_rms,
-                                              None if estimator == "prior" else heatmap_rms) if verdict.ok \
-            else float("nan")
+                                              None if estimator == "prior" else heatmap_rms, disagreement) \
+            if verdict.ok else float("nan")
         out[name] = {"world": world,
                      "index": geometry.preprocessed_to_image_index(position),
                      "confidence": decoded.confidence,

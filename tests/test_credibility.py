@@ -75,3 +75,28 @@ def test_expected_error_is_the_better_validated_error():
     assert credibility.expected_error(None, 3.0) == pytest.approx(norm * 3.0)
     assert credibility.expected_error(2.0, 3.0) == credibility.expected_error(3.0, 2.0) == pytest.approx(norm * 2.0)
     assert math.isnan(credibility.expected_error(None, None))
+
+
+def test_expected_error_widens_with_the_disagreement_of_the_two_estimates():
+    """Where the prior and the heatmap lie far apart in a case, the estimate between them is expected further off:
+    RMS sqrt(better^2 + (share * distance)^2); agreeing estimates keep the validated error."""
+    norm = credibility.MEAN_NORM_PER_RMS
+    share = credibility.DISAGREEMENT_SHARE
+    assert credibility.expected_error(2.0, 3.0, 0.0) == pytest.approx(norm * 2.0)
+    assert credibility.expected_error(2.0, 3.0, 16.0) == pytest.approx(norm * math.hypot(2.0, share * 16.0))
+    assert credibility.expected_error(2.0, 3.0, 16.0) > 1.5 * credibility.expected_error(2.0, 3.0)
+    assert credibility.expected_error(None, 3.0, 8.0) == pytest.approx(norm * math.hypot(3.0, share * 8.0))
+
+
+def test_estimates_that_disagree_beyond_their_validated_spread_are_flagged():
+    """The prior alone and the heatmap's extremum further apart than the limit times the root of the sum of their
+    squared validated errors: one of them failed (a 160 mm mitral valve prior on an unseen heart shape). Within it, or
+    where the heatmap proved useless on validation, nothing is flagged."""
+    limit = credibility.DISAGREEMENT_LIMIT
+    spread = math.hypot(2.0, 3.0)
+    assert credibility.estimates_disagree(1.01 * limit * spread, 2.0, 3.0)
+    assert not credibility.estimates_disagree(0.99 * limit * spread, 2.0, 3.0)
+    assert credibility.estimates_disagree(160.0, 1.9, 2.6)
+    assert not credibility.estimates_disagree(40.0, 1.0, 1e6)  # a useless heatmap may lie anywhere
+    assert credibility.estimates_disagree(1.01 * limit * 2.0, 2.0, None)
+    assert not credibility.estimates_disagree(50.0, None, None)

@@ -589,6 +589,37 @@ def test_decode_combines_the_prior_with_the_heatmap_by_its_validated_error():
     assert np.linalg.norm(written[None] - p) < 1.0 and np.linalg.norm(written[None] - written[1.0]) > 4.0
 
 
+def test_decode_flags_a_prior_and_a_heatmap_that_contradict_each_other():
+    """Both estimators validated at 1 mm, the heatmap's extremum ~30 mm from where the prior puts the landmark: one of
+    them failed and the written point would be a confident guess, so the landmark is ``estimates_disagree`` with no
+    expected error (on an unseen heart shape a mitral valve prior was 160 mm off, written ``ok``). 3 mm apart it is
+    ``ok``, its expected error widened by the distance; with a heatmap that proved useless (1e6 mm) it is ``ok``."""
+    import dataclasses
+
+    from nnunet_landmark import credibility
+    from nnunet_landmark.prior.model import PositionPrior
+
+    case = _elongated_structure_case()
+    encoding = HeatmapEncoding("log_distance", max_distance_mm=30.0, scale_mm=10.0)
+
+    def decode(offset_mm, heatmap_error):
+        logits = _heatmap_logits(encoding, case["world_of_voxels"], case["p"] + np.asarray(offset_mm))
+        prior = dataclasses.replace(case["prior"], heatmap_error_mm=heatmap_error, prior_error_mm=1.0)
+        heads = LandmarkHeads(("apex",), 2, encoding, (PositionPrior({"apex": prior}),))
+        return decode_landmarks(logits, case["properties"], case["plans_manager"], case["configuration"], heads,
+                                segmentation_logits=case["segmentation_logits"])["apex"]
+
+    far, near, useless = decode((0.0, -30.0, 0.0), 1.0), decode((3.0, 0.0, 0.0), 1.0), decode((0.0, -30.0, 0.0), 1e6)
+    assert np.linalg.norm(far["heatmap_world"] - far["prior_world"]) > credibility.DISAGREEMENT_LIMIT * np.sqrt(2)
+    assert far["status"] == "estimates_disagree" and np.isnan(far["expected_error_mm"]), far
+    assert "mm apart" in far["status_detail"]
+    assert near["status"] == useless["status"] == "ok"
+    apart = float(np.linalg.norm(near["heatmap_world"] - near["prior_world"]))
+    assert 2.0 < apart < 4.0
+    assert near["expected_error_mm"] == pytest.approx(credibility.expected_error(1.0, 1.0, apart))
+    assert near["expected_error_mm"] > credibility.expected_error(1.0, 1.0)
+
+
 def test_decode_applies_the_learned_boundary_guard_and_flags_what_it_cannot_bring_back():
     """The prior places the landmark 26 mm from the structure's centre across its long axis, ~13 mm outside it; the heatmap says
     nothing (its validated error 1e6 mm). Learned on the boundary (0 +- 1 mm), the guard pulls the written point
